@@ -1,0 +1,254 @@
+"""The SAM 3 detector for training: transformers' ``Sam3Model`` with a pair-batched forward.
+
+``Sam3Detector`` *is* a ``transformers.Sam3Model`` (same modules, same state-dict keys and shapes,
+same ``config``), so one checkpoint file serves both. What it adds is what training needs:
+
+- a forward on a :class:`~sam3_train.data.Batch` of (image, phrase) pairs: the vision encoder runs
+  once per image and the text encoder once per distinct phrase; their features are gathered per pair,
+  and everything after (exemplar-box encoder, DETR encoder, decoder, heads) runs per pair;
+- every decoder layer's class logits, boxes and presence logit (``aux_outputs``);
+- DAC dual supervision in training (``o2m``, see :mod:`sam3_train.model.decoder`);
+- activation checkpointing for the ViT, the DETR encoder and the decoder.
+
+    detector = build_detector("tiny")
+    out = detector(batch)   # keys below
+
+Output dict (P pairs, Q queries, h = w = 4 x the ViT token grid):
+    pred_logits     [P, Q]        class logits, final layer, one-to-one half
+    pred_boxes      [P, Q, 4]     normalised cxcywh
+    pred_masks      [P, Q, h, w]  mask logits
+    presence_logit  [P]
+    semantic_seg    [P, 1, h, w]  logits
+    aux_outputs     list over earlier layers of {pred_logits, pred_boxes, presence_logit}
+    o2m             (training with DAC) {pred_logits, pred_boxes, pred_masks,
+                                         aux_outputs: [{pred_logits, pred_boxes}]}
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import Sam3Config, Sam3Model
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer
+
+from sam3_train.data.batch import Batch
+from sam3_train.model import checkpoint_io
+from sam3_train.model.decoder import run_decoder
+from sam3_train.model.presets import preset_config
+from sam3_train.model.tokenizer import Sam3Tokenizer
+
+
+class Sam3Detector(Sam3Model):
+    """SAM 3 image detector with training-time outputs.
+
+    Args:
+        config: the transformers ``Sam3Config``.
+        dac: duplicate the queries into one-to-one and one-to-many halves in training mode.
+        activation_checkpointing: recompute ViT, DETR-encoder and decoder layers in the backward pass.
+        encode_empty_geometry: run the exemplar-box encoder (and so add its CLS token to the prompt)
+            even when no pair has a box, as Meta's trainer does. Off by default to match
+            transformers' inference, which skips it for text-only prompts.
+        tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
+    """
+
+    def __init__(
+        self,
+        config: Sam3Config,
+        *,
+        dac: bool = True,
+        activation_checkpointing: bool = False,
+        encode_empty_geometry: bool = False,
+        tokenizer: Sam3Tokenizer | None = None,
+    ):
+        super().__init__(config)
+        self.dac = dac
+        self.encode_empty_geometry = encode_empty_geometry
+        self._tokenizer = tokenizer
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    # ------------------------------------------------------------------ setup
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+        for module in self.vision_encoder.modules():
+            if isinstance(module, Sam3ViTLayer):
+                module.gradient_checkpointing = enabled
+                module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.detr_decoder_config.num_queries
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.backbone_config.image_size
+
+    @property
+    def tokenizer(self) -> Sam3Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Sam3Tokenizer.from_open_clip()
+        return self._tokenizer
+
+    def tokenize(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phrases -> (input_ids [N, 32], attention_mask [N, 32]) on the model's device."""
+        input_ids, attention_mask = self.tokenizer(phrases)
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features [P, L, C] and mask [P, L] bool; each distinct phrase is encoded once."""
+        tokens = torch.cat([input_ids, attention_mask], dim=1)
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        length = input_ids.shape[1]
+        hidden = self.text_encoder(
+            input_ids=unique[:, :length], attention_mask=unique[:, length:], return_dict=True
+        ).last_hidden_state  # [U, L, text hidden]
+        return self.text_projection(hidden)[inverse], attention_mask.bool()
+
+    def encode_prompt(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor | None,
+        box_labels: torch.Tensor | None,
+        image_levels: list[torch.Tensor],
+        image_pos: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens followed by encoded exemplar boxes (+ CLS): [P, L + E + 1, C] and its mask."""
+        num_pairs = text.shape[0]
+        has_boxes = boxes is not None and box_labels is not None and bool((box_labels >= 0).any())
+        if not (has_boxes or self.encode_empty_geometry):
+            return text, text_mask
+        if boxes is None or box_labels is None:
+            boxes = text.new_zeros(num_pairs, 0, 4)
+            box_labels = torch.zeros(num_pairs, 0, dtype=torch.long, device=text.device)
+        geometry = self.geometry_encoder(
+            box_embeddings=boxes.to(text.dtype),
+            box_mask=box_labels >= 0,
+            box_labels=box_labels.clamp(min=0),
+            img_feats=tuple(image_levels),
+            img_pos_embeds=tuple(image_pos),
+        )
+        prompt = torch.cat([text, geometry.last_hidden_state], dim=1)
+        return prompt, torch.cat([text_mask, geometry.attention_mask.bool()], dim=1)
+
+    def encode_fusion(
+        self, features: torch.Tensor, pos: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """DETR encoder: image tokens [P, N, C] attend to the prompt. Returns memory, its pos, (H, W)."""
+        encoder = self.detr_encoder
+        flat, pos_flat, _ = encoder._prepare_multilevel_features([features], [pos])
+        mask = create_bidirectional_mask(
+            config=encoder.config, inputs_embeds=flat, attention_mask=prompt_mask, encoder_hidden_states=prompt
+        )
+        hidden = flat
+        for layer in encoder.layers:
+            step = partial(layer, prompt_feats=prompt, vision_pos_encoding=pos_flat, prompt_cross_attn_mask=mask)
+            use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+            hidden = checkpoint(step, hidden, use_reentrant=False) if use_ckpt else step(hidden)
+        return hidden, pos_flat, (features.shape[-2], features.shape[-1])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Batch) -> dict[str, Any]:  # type: ignore[override]
+        num_images = batch.images.shape[0]
+        vision = self.vision_encoder(batch.images)
+        # As transformers does: the 0.5x FPN level is dropped and the DETR encoder reads the 1x level.
+        pair_image = batch.pair_image
+        levels = [level[pair_image] for level in vision.fpn_hidden_states[:-1]]  # [P, C, h_i, w_i]
+        pos = [p[pair_image] if p.shape[0] == num_images else p.expand(len(pair_image), -1, -1, -1)
+               for p in vision.fpn_position_encoding[:-1]]
+
+        text, text_mask = self.encode_text(batch.input_ids, batch.attention_mask)
+        prompt, prompt_mask = self.encode_prompt(
+            text, text_mask, batch.exemplar_boxes, batch.exemplar_labels, levels, pos
+        )
+        memory, memory_pos, shape = self.encode_fusion(levels[-1], pos[-1], prompt, prompt_mask)
+
+        dac = self.dac and self.training
+        states = run_decoder(
+            self.detr_decoder,
+            vision_features=memory,
+            vision_pos=memory_pos,
+            text_features=prompt,
+            text_mask=prompt_mask,
+            spatial_shape=shape,
+            dac=dac,
+            activation_checkpointing=self.activation_checkpointing and self.training and torch.is_grad_enabled(),
+        )
+        logits = self.dot_product_scoring(
+            decoder_hidden_states=states.hidden, text_features=prompt, text_mask=prompt_mask
+        ).squeeze(-1)  # [layers, P, copies * Q]
+        masks = self.mask_decoder(
+            decoder_queries=states.hidden[-1],
+            backbone_features=levels,
+            encoder_hidden_states=memory,
+            prompt_features=prompt,
+            prompt_mask=prompt_mask,
+        )
+        q = self.num_queries
+        one, many = slice(0, q), slice(q, 2 * q)
+        out: dict[str, Any] = {
+            "pred_logits": logits[-1, :, one],
+            "pred_boxes": states.boxes[-1, :, one],
+            "pred_masks": masks.pred_masks[:, one],
+            "presence_logit": states.presence_logits[-1],
+            "semantic_seg": masks.semantic_seg,
+            "aux_outputs": [
+                {"pred_logits": logits[i, :, one], "pred_boxes": states.boxes[i, :, one],
+                 "presence_logit": states.presence_logits[i]}
+                for i in range(len(logits) - 1)
+            ],
+        }
+        if dac:
+            out["o2m"] = {
+                "pred_logits": logits[-1, :, many],
+                "pred_boxes": states.boxes[-1, :, many],
+                "pred_masks": masks.pred_masks[:, many],
+                "aux_outputs": [
+                    {"pred_logits": logits[i, :, many], "pred_boxes": states.boxes[i, :, many]}
+                    for i in range(len(logits) - 1)
+                ],
+            }
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> Sam3Detector:  # type: ignore[override]
+        """Load an HF-format checkpoint directory (config.json + safetensors; never a hub).
+
+        Reads the released ``facebook/sam3`` layout (a video config whose ``detector_config`` is the
+        detector, weights under ``detector_model.``; tracker weights are skipped) and directories
+        written by :meth:`save_pretrained`. Its tokenizer files are used when present. Missing or
+        unexpected keys and wrong shapes fail with a message that names them.
+        """
+        directory = checkpoint_io.check_directory(directory)
+        config = checkpoint_io.read_config(directory)
+        tokenizer = kwargs.pop("tokenizer", None) or Sam3Tokenizer.from_dir_or_open_clip(directory)
+        detector = cls(config, tokenizer=tokenizer, **kwargs)
+        state = checkpoint_io.read_detector_state(directory)
+        checkpoint_io.load_state_strict(detector, state, source=directory)
+        return detector
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:  # type: ignore[override]
+        """config.json + model.safetensors (readable by ``transformers.Sam3Model.from_pretrained``) + tokenizer."""
+        super().save_pretrained(str(directory), **kwargs)
+        self.tokenizer.save_pretrained(directory)
+
+
+def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpointing: bool = False,
+                   encode_empty_geometry: bool = False, **overrides: Any) -> Sam3Detector:
+    """A randomly initialised detector of a preset size (``tiny``, ``small``, ``sam3``).
+
+    ``overrides`` go to :func:`sam3_train.model.presets.preset_config` (``image_size``,
+    ``num_queries``, ``dropout`` or nested sub-config dicts).
+    """
+    return Sam3Detector(
+        preset_config(preset, **overrides),
+        dac=dac,
+        activation_checkpointing=activation_checkpointing,
+        encode_empty_geometry=encode_empty_geometry,
+    )

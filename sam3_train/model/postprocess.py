@@ -1,0 +1,74 @@
+"""From detector outputs to per-pair detections in the original image's pixels.
+
+Score = sigmoid(class logit) x sigmoid(presence logit). The model sees the image resized so that its
+content (``image_sizes``, h x w) sits at the top-left of an S x S input (the eval-time transform);
+boxes and masks are mapped from that frame back to each image's original size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sam3_train.data.batch import Batch
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def detection_scores(outputs: dict) -> torch.Tensor:
+    """[P, Q] scores in [0, 1]: the query's class probability times the pair's presence probability."""
+    return outputs["pred_logits"].sigmoid() * outputs["presence_logit"].sigmoid().unsqueeze(-1)
+
+
+@torch.no_grad()
+def postprocess(
+    outputs: dict,
+    batch: Batch,
+    *,
+    original_sizes: torch.Tensor | None = None,  # [B, 2] (H, W); default: the content size in the input
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.0,
+    max_detections: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """One dict per pair: ``scores`` [n], ``boxes`` [n, 4] xyxy pixels, ``masks`` [n, H, W] bool,
+    ``presence`` [] probability; detections sorted by score, those below ``score_threshold`` dropped.
+
+    ``batch.image_sizes`` gives the (h, w) of each image's content inside the S x S input.
+    """
+    scores = detection_scores(outputs)
+    presence = outputs["presence_logit"].sigmoid()
+    masks = outputs.get("pred_masks")
+    side = batch.images.shape[-1]
+    if original_sizes is None:
+        original_sizes = batch.image_sizes
+    results = []
+    for p in range(scores.shape[0]):
+        image = int(batch.pair_image[p])
+        (h, w), (height, width) = batch.image_sizes[image].tolist(), original_sizes[image].tolist()
+        order = scores[p].argsort(descending=True)
+        order = order[scores[p, order] >= score_threshold][:max_detections]
+        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][p, order].float())
+        scale = boxes.new_tensor([width / w, height / h, width / w, height / h]) * side
+        boxes = boxes * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        result = {"scores": scores[p, order], "boxes": boxes, "presence": presence[p]}
+        if masks is not None:
+            result["masks"] = _masks_to_original(masks[p, order], side, (h, w), (height, width), mask_threshold)
+        results.append(result)
+    return results
+
+
+def _masks_to_original(
+    logits: torch.Tensor, side: int, content: tuple[int, int], original: tuple[int, int], threshold: float
+) -> torch.Tensor:
+    """[n, h, w] logits at mask resolution -> [n, H, W] bool at the original size."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, *original, dtype=torch.bool, device=logits.device)
+    full = F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
+    full = full[:, :, : content[0], : content[1]]
+    full = F.interpolate(full, size=original, mode="bilinear", align_corners=False)
+    return full[:, 0] > threshold

@@ -1,0 +1,298 @@
+"""The detector against transformers' Sam3Model, DAC invariants, pair batching, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Sam3Config, Sam3Model
+
+from sam3_train.data import Batch
+from sam3_train.model import Sam3Detector, build_detector
+from sam3_train.model.decoder import run_decoder
+from sam3_train.model.postprocess import box_cxcywh_to_xyxy, postprocess
+
+PHRASES = ["red star", "blue circle", "small green square"]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Sam3Detector:
+    torch.manual_seed(0)
+    return build_detector("tiny", dropout=0.0).eval()
+
+
+def make_batch(det: Sam3Detector, phrases_per_image: list[list[str]], boxes: list[torch.Tensor] | None = None,
+               labels: list[torch.Tensor] | None = None, seed: int = 1) -> Batch:
+    """Images with their phrases; ``boxes``/``labels`` per pair ([E, 4] cxcywh / [E]) when given."""
+    g = torch.Generator().manual_seed(seed)
+    side = det.image_size
+    images = torch.randn(len(phrases_per_image), 3, side, side, generator=g)
+    phrases = [p for ps in phrases_per_image for p in ps]
+    pair_image = torch.tensor([i for i, ps in enumerate(phrases_per_image) for _ in ps])
+    input_ids, attention_mask = det.tokenize(phrases)
+    batch = Batch(images=images, image_sizes=torch.tensor([[side, side]] * len(images)), pair_image=pair_image,
+                  input_ids=input_ids, attention_mask=attention_mask, phrases=phrases)
+    if boxes is not None:
+        e = max(len(b) for b in boxes)
+        batch.exemplar_boxes = torch.zeros(len(phrases), e, 4)
+        batch.exemplar_labels = torch.full((len(phrases), e), -1, dtype=torch.long)
+        for i, (b, lab) in enumerate(zip(boxes, labels)):
+            batch.exemplar_boxes[i, : len(b)] = b
+            batch.exemplar_labels[i, : len(b)] = lab
+    return batch
+
+
+def reference_outputs(det: Sam3Detector, batch: Batch):
+    """transformers.Sam3Model on the same weights, one row per pair (image repeated)."""
+    hf = Sam3Model(det.config).eval()
+    hf.load_state_dict(det.state_dict(), strict=True)
+    kwargs = {}
+    if batch.exemplar_boxes is not None:
+        labels = batch.exemplar_labels.clone()
+        labels[labels < 0] = -10  # transformers' padding label
+        kwargs = {"input_boxes": batch.exemplar_boxes, "input_boxes_labels": labels}
+    with torch.no_grad():
+        return hf(pixel_values=batch.images[batch.pair_image], input_ids=batch.input_ids,
+                  attention_mask=batch.attention_mask, **kwargs)
+
+
+def exemplars():
+    boxes = [torch.tensor([[0.3, 0.3, 0.2, 0.2]]), torch.tensor([[0.6, 0.5, 0.3, 0.4], [0.2, 0.7, 0.1, 0.1]]),
+             torch.tensor([[0.5, 0.5, 0.5, 0.5]])]
+    labels = [torch.tensor([1]), torch.tensor([1, 0]), torch.tensor([0])]
+    return boxes, labels
+
+
+@pytest.mark.parametrize("prompt", ["text", "boxes", "text+boxes"])
+def test_eval_parity_with_transformers(detector, prompt):
+    phrases = [["visual", "visual"], ["visual"]] if prompt == "boxes" else [PHRASES[:2], PHRASES[2:]]
+    boxes, labels = exemplars() if prompt != "text" else (None, None)
+    batch = make_batch(detector, phrases, boxes, labels)
+    with torch.no_grad():
+        ours = detector(batch)
+    ref = reference_outputs(detector, batch)
+    assert "o2m" not in ours
+    torch.testing.assert_close(ours["pred_logits"], ref.pred_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(ours["pred_boxes"]), ref.pred_boxes, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["presence_logit"], ref.presence_logits.squeeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["pred_masks"], ref.pred_masks, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["semantic_seg"], ref.semantic_seg, atol=1e-5, rtol=0)
+    # Outputs of different pairs differ: the comparison is not between constants.
+    assert (ours["pred_logits"][0] - ours["pred_logits"][1]).abs().max() > 1e-4
+
+
+def test_every_decoder_layer_is_returned(detector):
+    batch = make_batch(detector, [PHRASES])
+    with torch.no_grad():
+        out = detector(batch)
+    layers = detector.config.detr_decoder_config.num_layers
+    assert len(out["aux_outputs"]) == layers - 1
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == out["pred_logits"].shape
+        assert aux["pred_boxes"].shape == out["pred_boxes"].shape
+        assert aux["presence_logit"].shape == out["presence_logit"].shape
+        assert not torch.allclose(aux["pred_boxes"], out["pred_boxes"])
+
+
+def test_dac_one_to_one_half_equals_dac_off():
+    torch.manual_seed(0)
+    det = build_detector("tiny", dropout=0.0).train()
+    batch = make_batch(det, [PHRASES[:2], PHRASES[2:]])
+    with torch.no_grad():
+        with_dac = det(batch)
+        det.dac = False
+        without = det(batch)
+    assert "o2m" in with_dac and "o2m" not in without
+    for key in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit", "semantic_seg"):
+        torch.testing.assert_close(with_dac[key], without[key], atol=1e-5, rtol=0)
+    for a, b in zip(with_dac["aux_outputs"], without["aux_outputs"]):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    q = det.num_queries
+    assert with_dac["o2m"]["pred_logits"].shape == (3, q)
+    assert with_dac["o2m"]["pred_masks"].shape == with_dac["pred_masks"].shape
+    assert len(with_dac["o2m"]["aux_outputs"]) == len(with_dac["aux_outputs"])
+    # The o2m half skips self-attention, so it differs from the o2o half.
+    assert (with_dac["o2m"]["pred_logits"] - with_dac["pred_logits"]).abs().max() > 1e-4
+
+
+def test_one_to_many_queries_are_independent():
+    """Changing one o2m query changes that query only: o2m queries never see each other or the o2o half."""
+    torch.manual_seed(0)
+    det = build_detector("tiny", dropout=0.0).train()
+    decoder = det.detr_decoder
+    q, c = det.num_queries, decoder.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    args = dict(vision_features=torch.randn(2, 16 * 16, c, generator=g), vision_pos=torch.randn(2, 256, c, generator=g),
+                text_features=torch.randn(2, 5, c, generator=g), text_mask=torch.tensor([[1, 1, 1, 0, 0]] * 2).bool(),
+                spatial_shape=(16, 16), dac=True)
+    queries = decoder.query_embed.weight.detach().repeat(2, 1)
+    changed = queries.clone()
+    j = q + 7  # one query of the one-to-many half
+    changed[j] += torch.randn(c, generator=g)
+    with torch.no_grad():
+        a = run_decoder(decoder, initial_queries=queries, **args)
+        b = run_decoder(decoder, initial_queries=changed, **args)
+    diff = (a.hidden - b.hidden).abs().amax(dim=(0, 1, 3))  # per query
+    assert diff[j] > 1e-3
+    others = torch.ones(2 * q, dtype=torch.bool)
+    others[j] = False
+    assert diff[others].max() == 0
+    torch.testing.assert_close(a.presence_logits, b.presence_logits, atol=0, rtol=0)
+    # Control: changing an o2o query does reach the other o2o queries through self-attention.
+    changed = queries.clone()
+    changed[3] += torch.randn(c, generator=g)
+    with torch.no_grad():
+        d = run_decoder(decoder, initial_queries=changed, **args)
+    assert (a.hidden[:, :, :q] - d.hidden[:, :, :q]).abs().amax(dim=(0, 1, 3))[4:].max() > 1e-6
+    assert (a.hidden[:, :, q:] - d.hidden[:, :, q:]).abs().max() == 0
+
+
+def test_pairs_batched_equal_pairs_alone(detector):
+    phrases = [PHRASES, PHRASES[::-1][:2]]
+    batch = make_batch(detector, phrases)
+    with torch.no_grad():
+        together = detector(batch)
+        for p in range(batch.num_pairs):
+            i = int(batch.pair_image[p])
+            alone = Batch(images=batch.images[i : i + 1], image_sizes=batch.image_sizes[i : i + 1],
+                          pair_image=torch.tensor([0]), input_ids=batch.input_ids[p : p + 1],
+                          attention_mask=batch.attention_mask[p : p + 1])
+            out = detector(alone)
+            for key in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit", "semantic_seg"):
+                torch.testing.assert_close(together[key][p : p + 1], out[key], atol=1e-5, rtol=0)
+
+
+def test_text_encoder_runs_once_per_distinct_phrase(detector):
+    batch = make_batch(detector, [["star", "circle", "star"], ["circle", "star"]])
+    seen = []
+    handle = detector.text_encoder.register_forward_hook(lambda m, a, kw: None)
+    handle.remove()
+    handle = detector.text_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    vision = []
+    handle2 = detector.vision_encoder.register_forward_pre_hook(lambda m, args: vision.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            detector(batch)
+    finally:
+        handle.remove()
+        handle2.remove()
+    assert seen == [2] and vision == [2]
+
+
+def test_sam3_preset_matches_released_architecture():
+    with torch.device("meta"):
+        ours = build_detector("sam3")
+        ref = Sam3Model(Sam3Config())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(ref) > 800_000_000
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_tiny_preset_is_tiny(detector):
+    assert sum(p.numel() for p in detector.parameters()) < 5_000_000
+    assert isinstance(detector.config, Sam3Config)
+
+
+def test_save_and_from_pretrained_round_trip(detector, tmp_path):
+    detector.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "tokenizer.json").is_file()
+    loaded = Sam3Detector.from_pretrained(tmp_path)
+    for key, value in detector.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded.tokenize(["red star"])[0], detector.tokenize(["red star"])[0])
+    # The same file loads into transformers' own model, strictly.
+    hf, info = Sam3Model.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf_state = hf.state_dict()
+    assert all(torch.equal(hf_state[k], v) for k, v in detector.state_dict().items())
+
+
+def test_missing_and_unexpected_keys_are_named(detector, tmp_path):
+    detector.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    gone = "detr_decoder.presence_token.weight"
+    del state[gone]
+    state["detr_decoder.extra_head.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match="missing keys: detr_decoder.presence_token.weight") as err:
+        Sam3Detector.from_pretrained(tmp_path)
+    assert "unexpected keys: detr_decoder.extra_head.weight" in str(err.value)
+
+
+def test_shape_mismatch_is_named(detector, tmp_path):
+    detector.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["detr_decoder_config"]["num_queries"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match=r"detr_decoder.query_embed.weight \(checkpoint \(50, 64\), model \(7, 64\)\)"):
+        Sam3Detector.from_pretrained(tmp_path)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        Sam3Detector.from_pretrained(tmp_path / "nowhere")
+
+
+def test_released_video_layout_loads(detector, tmp_path):
+    """facebook/sam3 stores a video config with ``detector_config`` and prefixed, sharded weights."""
+    config = detector.config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam3_video", "detector_config": config}))
+    state = {f"detector_model.{k}": v.contiguous() for k, v in detector.state_dict().items()}
+    keys = sorted(state)
+    half = len(keys) // 2
+    state["tracker_model.memory.weight"] = torch.zeros(3)
+    shards = {"model-00001-of-00002.safetensors": keys[:half],
+              "model-00002-of-00002.safetensors": keys[half:] + ["tracker_model.memory.weight"]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, tmp_path / name)
+    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = Sam3Detector.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in detector.state_dict().items())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    det = build_detector("tiny", dropout=0.0).train()
+    batch = make_batch(det, [PHRASES[:2], PHRASES[2:]])
+
+    def grads():
+        det.zero_grad()
+        out = det(batch)
+        (out["pred_logits"].sum() + out["pred_masks"].mean() + out["o2m"]["pred_boxes"].sum()
+         + out["presence_logit"].sum()).backward()
+        return {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    det.set_activation_checkpointing(True)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    assert any(n.startswith("vision_encoder.backbone.layers") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_postprocess_maps_to_original_pixels():
+    """A hand-made output: one confident query, box and mask in the content region of a padded input."""
+    side, q = 8, 3
+    batch = Batch(images=torch.zeros(1, 3, side, side), image_sizes=torch.tensor([[4, 8]]),  # content 4 x 8
+                  pair_image=torch.tensor([0]), input_ids=torch.zeros(1, 32, dtype=torch.long),
+                  attention_mask=torch.ones(1, 32, dtype=torch.long))
+    logits = torch.tensor([[4.0, -4.0, 0.0]])
+    boxes = torch.tensor([[[0.5, 0.25, 0.5, 0.25], [0.1, 0.1, 0.1, 0.1], [0.2, 0.2, 0.1, 0.1]]])
+    masks = torch.full((1, q, side, side), -5.0)
+    masks[0, 0, 0:2, 2:6] = 5.0  # rows 0-1 of the 4-row content, columns 2-5 of 8
+    out = {"pred_logits": logits, "pred_boxes": boxes, "pred_masks": masks, "presence_logit": torch.tensor([2.0])}
+    (res,) = postprocess(out, batch, original_sizes=torch.tensor([[40, 80]]))  # original is 10x the content
+    expected_score = torch.sigmoid(torch.tensor(4.0)) * torch.sigmoid(torch.tensor(2.0))
+    torch.testing.assert_close(res["scores"], expected_score.reshape(1))
+    # cx 0.5*8=4, cy 0.25*8=2, w 4, h 2 -> xyxy (2, 1, 6, 3) in the input -> x10 in the original
+    torch.testing.assert_close(res["boxes"], torch.tensor([[20.0, 10.0, 60.0, 30.0]]))
+    assert res["masks"].shape == (1, 40, 80)
+    assert res["masks"][0, 5, 40] and not res["masks"][0, 35, 40] and not res["masks"][0, 5, 5]
+    assert abs(res["masks"][0].float().mean().item() - (2 * 4) / (4 * 8)) < 0.05
