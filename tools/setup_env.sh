@@ -21,4 +21,7 @@ fi
 # shellcheck disable=SC2086
 python -m pip install -q ${TORCH_SPEC:-$default_torch}
 python -m pip install -q -e ".[dev]"
+# Meta's reference implementation, for parity tests only (its evaluator file is read directly; its
+# own dependencies, timm and friends, are not needed for that, hence --no-deps).
+python -m pip install -q --no-deps "sam3==0.1.4"
 python -c "import torch, torchvision, transformers, lightning; print('sam3-train env: torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__, '| lightning', lightning.__version__)"
