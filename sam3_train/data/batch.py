@@ -14,6 +14,7 @@ Fields (shapes):
     targets         P dicts       boxes [n, 4] normalised cxcywh, masks [n, H, W] bool, exhaustive bool
     phrases         P strings     the noun phrases, for logs and predictions
     keys            B strings     sample keys, to name bad batches in logs
+    original_sizes  [B, 2]        long, (H, W) of each image as decoded, before any resize (optional)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Batch:
     targets: list[Target] = field(default_factory=list)
     phrases: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    original_sizes: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:

@@ -1,0 +1,226 @@
+"""``Sam3DataModule``: shards -> train / val / test / predict dataloaders of :class:`Batch`.
+
+Configured from YAML through LightningCLI (the constructor is the schema)::
+
+    data:
+      class_path: sam3_train.data.Sam3DataModule
+      init_args:
+        shapes_root: datasets/shapes      # build the built-in dataset if missing; default patterns
+        image_size: 224
+        batch_size: 8
+        steps_per_epoch: 250
+
+Ranks come from the attached trainer (``global_rank``, ``world_size``), never from the workers.
+Skipped bad samples are counted across worker processes; the LightningModule logs
+``trainer.datamodule.skipped_samples`` as ``train/skipped_samples``.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from sam3_train.data.collate import Collator, Tokenizer
+from sam3_train.data.phrases import select_queries
+from sam3_train.data.pipeline import ShardStream, SkipCounter
+from sam3_train.data.shapes import DEFAULT_SPLITS, ensure_shapes_shards
+from sam3_train.data.shards import expand_urls
+from sam3_train.data.transforms import eval_transforms, train_transforms
+
+
+def _select(queries: list[dict], rng: random.Random, *, max_queries: int | None, negative_share: float) -> list[dict]:
+    return select_queries(queries, max_queries=max_queries, negative_share=negative_share, rng=rng)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its ShardStream the epoch before each pass (trainer's epoch, else a count)."""
+
+    def __init__(self, *args: Any, epoch_fn: Callable[[], int | None] = lambda: None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._epoch_fn = epoch_fn
+        self._passes = 0
+
+    def __iter__(self):
+        epoch = self._epoch_fn()
+        self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._passes += 1
+        return super().__iter__()
+
+
+class Sam3DataModule(L.LightningDataModule):
+    """WebDataset shards of the sample schema (docs/data_format.md) -> Batches.
+
+    Args:
+        train_shards, val_shards, test_shards, predict_shards: brace patterns
+            (``dir/train-{000000..000099}.tar``; several joined with ``::``); None: no such stage
+            (or the shapes split when ``shapes_root`` is set).
+        shapes_root: folder of the built-in shapes dataset; when set it is generated if missing
+            (rank 0, in ``prepare_data``) and fills the patterns left None.
+        shapes_splits: images per shapes split (None: 2000 / 200 / 200).
+        shapes_image_size: side in pixels of generated shapes images.
+        image_size: S, the padded square side of ``Batch.images``.
+        batch_size: images per training batch; eval_batch_size: per val/test/predict batch (None: same).
+        num_workers: dataloader worker processes per rank.
+        max_phrases_per_image: training queries kept per image (None: all).
+        negative_share: share of negatives among the kept training queries.
+        eval_max_phrases: queries per image in val/test (None: all, as cgF1 needs).
+        resampled, steps_per_epoch: training draws shards with replacement and every rank runs
+            exactly ``steps_per_epoch`` batches per epoch (needed for DDP; see pipeline.py).
+        shuffle_buffer: training samples in the shuffle buffer.
+        seed: base seed for shard order, buffer, transforms and phrase sampling.
+        min_scale: smallest training resize as a share of S (SAM 3: 480 / 1008); 1 disables it.
+        square_resize: SAM 3's square resize; False keeps the aspect ratio (longest side).
+        hflip: flip probability; color_jitter: strength of brightness / contrast / saturation jitter.
+        tokenizer_path: checkpoint folder with SAM 3's tokenizer files; None: CLIP's BPE vocabulary
+            shipped with open_clip_torch (offline).
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        predict_shards: str | None = None,
+        shapes_root: str | None = None,
+        shapes_splits: dict[str, int] | None = None,
+        shapes_image_size: int = 256,
+        image_size: int = 224,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        max_phrases_per_image: int | None = 8,
+        negative_share: float = 0.5,
+        eval_max_phrases: int | None = None,
+        resampled: bool = True,
+        steps_per_epoch: int = 250,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        min_scale: float = 0.5,
+        square_resize: bool = True,
+        hflip: float = 0.5,
+        color_jitter: float = 0.2,
+        tokenizer_path: str | None = None,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= negative_share <= 1.0:
+            raise ValueError(f"negative_share must lie in [0, 1], got {negative_share}")
+        self.save_hyperparameters()
+        self.patterns = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
+        self.shapes_root, self.shapes_splits, self.shapes_image_size = shapes_root, shapes_splits, shapes_image_size
+        self.image_size, self.batch_size = image_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_phrases_per_image, self.negative_share = max_phrases_per_image, negative_share
+        self.eval_max_phrases = eval_max_phrases
+        self.resampled, self.steps_per_epoch, self.shuffle_buffer = resampled, steps_per_epoch, shuffle_buffer
+        self.seed, self.min_scale, self.square_resize = seed, min_scale, square_resize
+        self.hflip, self.color_jitter = hflip, color_jitter
+        self.tokenizer_path = tokenizer_path
+        self.pin_memory = pin_memory
+        self.skip_counter = SkipCounter()
+        self.urls: dict[str, list[str]] = {}
+        self._tokenizer: Tokenizer | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _shapes_patterns(self) -> dict[str, str]:
+        if self.shapes_root is None:
+            return {}
+        return ensure_shapes_shards(
+            self.shapes_root, splits=self.shapes_splits or DEFAULT_SPLITS, image_size=self.shapes_image_size
+        )
+
+    def prepare_data(self) -> None:
+        self._shapes_patterns()  # generate once per node, before any rank reads
+
+    def setup(self, stage: str | None = None) -> None:
+        shapes = self._shapes_patterns()  # cached: instant once prepare_data ran
+        for split, pattern in self.patterns.items():
+            if pattern is None:
+                pattern = shapes.get("val" if split == "predict" else split)
+            if pattern is not None:
+                self.urls[split] = expand_urls(pattern)  # fails here, naming the pattern, if it matches nothing
+        if self._tokenizer is None:
+            self._tokenizer = self._build_tokenizer()
+
+    def _build_tokenizer(self) -> Tokenizer:
+        from sam3_train.model.tokenizer import Sam3Tokenizer
+
+        if self.tokenizer_path is None:
+            return Sam3Tokenizer.from_open_clip()
+        return Sam3Tokenizer.from_pretrained(self.tokenizer_path)
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples skipped as bad so far, summed over this rank's worker processes."""
+        return self.skip_counter.value
+
+    # ---- dataloaders -----------------------------------------------------------------------------
+    def _stream(self, split: str, *, train: bool) -> ShardStream:
+        if split not in self.urls:
+            raise RuntimeError(
+                f"no {split} shards: set `{split}_shards` (or `shapes_root`) and call setup() first"
+            )
+        rank, world = self.rank_and_world
+        max_q = self.max_phrases_per_image if train else self.eval_max_phrases
+        select = partial(_select, max_queries=max_q, negative_share=self.negative_share) if max_q is not None else None
+        if train:
+            transforms = train_transforms(
+                image_size=self.image_size, min_scale=self.min_scale, square=self.square_resize,
+                hflip=self.hflip, color_jitter=self.color_jitter,
+            )
+        else:
+            transforms = eval_transforms(image_size=self.image_size, square=self.square_resize)
+        return ShardStream(
+            urls=self.urls[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            transforms=transforms,
+            collate=Collator(tokenizer=self._tokenizer),
+            select=select,
+            rank=rank,
+            world_size=world,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            seed=self.seed,
+            resampled=self.resampled and train,
+            steps_per_epoch=self.steps_per_epoch if train else None,
+            skip_counter=self.skip_counter,
+            draft_size=self.image_size,
+        )
+
+    def _loader(self, stream: ShardStream, *, epochs: bool = False) -> DataLoader:
+        kwargs: dict[str, Any] = dict(
+            batch_size=None,  # batches are collated inside the workers
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        if epochs:
+            trainer = lambda: getattr(self, "trainer", None)  # noqa: E731
+            return _EpochLoader(stream, epoch_fn=lambda: trainer().current_epoch if trainer() else None, **kwargs)
+        return DataLoader(stream, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("train", train=True), epochs=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("val", train=False))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("test", train=False))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("predict", train=False))

@@ -1,0 +1,191 @@
+"""The built-in shapes dataset, the DataModule on top of it, and the make_shards command line."""
+
+from __future__ import annotations
+
+import json
+import random
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam3_train.data import rle as rle_ops
+from sam3_train.data.datamodule import Sam3DataModule
+from sam3_train.data.decode import build_target
+from sam3_train.data.phrases import select_queries, swap_left_right
+from sam3_train.data.schema import SampleError, is_negative, make_key, validate_meta
+from sam3_train.data.shapes import COLOURS, KINDS, SIZES, ensure_shapes_shards, generate_scene
+from sam3_train.data.transforms import ColorJitter, ResizePad
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = {"train": 24, "val": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _triples(meta) -> set[tuple[str, str, str]]:
+    """(size, colour, kind) of the instances, read from the most detailed positive phrases."""
+    out = set()
+    for q in meta["queries"]:
+        words = q["phrase"].split()
+        if len(words) == 3 and q["instances"]:
+            out.add(tuple(words))
+    return out
+
+
+def test_generator_is_deterministic_per_seed():
+    a_img, a_meta = generate_scene(7, 3, image_size=96)
+    b_img, b_meta = generate_scene(7, 3, image_size=96)
+    c_img, _ = generate_scene(8, 3, image_size=96)
+    assert np.array_equal(a_img, b_img) and a_meta == b_meta
+    assert not np.array_equal(a_img, c_img)
+
+
+def test_masks_match_boxes_respect_occlusion_and_negatives_are_absent():
+    hard_seen = 0
+    for index in range(40):
+        image, meta = generate_scene(11, index, image_size=128)
+        validate_meta(meta)
+        triples = _triples(meta)
+        instances = {}
+        for q in meta["queries"]:
+            for inst in q["instances"]:
+                mask = rle_ops.decode(inst["rle"]).astype(bool)
+                assert mask.any()
+                assert inst["box"] == rle_ops.to_xywh(inst["rle"])  # box is the mask's tight box
+                instances[inst["rle"]["counts"]] = mask
+            words = q["phrase"].split()
+            matching = {t for t in triples if t[-len(words):] == tuple(words)}
+            assert bool(matching) == bool(q["instances"]), q["phrase"]  # negatives truly absent
+            if len(words) == 1 and q["instances"]:  # a kind's phrase owns all instances of that kind
+                assert len(q["instances"]) == sum(len(p["instances"]) for p in meta["queries"]
+                                                  if len(p["phrase"].split()) == 3 and p["phrase"].endswith(q["phrase"]))
+            if is_negative(q) and len(words) >= 2:  # hard: its parts are present
+                hard_seen += 1
+                assert any(t[-1] == words[-1] for t in triples) and any(words[-2] in t for t in triples)
+        masks = np.stack(list(instances.values())) if instances else np.zeros((0, 128, 128), bool)
+        assert (masks.sum(0) <= 1).all()  # visible parts never overlap: drawing order respected
+        for counts, mask in instances.items():  # a visible mask has the colour its phrase names
+            phrase = next(q["phrase"] for q in meta["queries"] if len(q["phrase"].split()) == 3
+                          and any(i["rle"]["counts"] == counts for i in q["instances"]))
+            assert np.abs(image[mask].astype(int) - COLOURS[phrase.split()[1]]).max() <= 1
+    assert hard_seen > 40
+
+
+def test_vocabulary_file_lists_every_phrase():
+    vocab = (ROOT / "datasets" / "shapes" / "vocabulary.txt").read_text().split("\n")
+    phrases = {line for line in vocab if line and not line.startswith("#")}
+    expected = set(KINDS) | {f"{c} {k}" for c in COLOURS for k in KINDS} | {f"{s} {c} {k}" for s in SIZES for c in COLOURS for k in KINDS}
+    assert phrases == expected
+
+
+def test_shards_are_cached(tmp_path):
+    first = ensure_shapes_shards(tmp_path, splits=SPLITS, image_size=64, max_count=10)
+    assert first["train"].endswith("shapes-{000000..000007}.tar")  # 24 images: 8 shards of 3
+    files = sorted((tmp_path / "shards" / "train").glob("*.tar"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert ensure_shapes_shards(tmp_path, splits=SPLITS, image_size=64, max_count=10) == first
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing rewritten
+
+
+def test_datamodule_on_shapes(tmp_path):
+    dm = Sam3DataModule(shapes_root=str(tmp_path), shapes_splits=SPLITS, shapes_image_size=64, image_size=64,
+                        batch_size=4, num_workers=0, max_phrases_per_image=4, negative_share=0.5,
+                        steps_per_epoch=3, shuffle_buffer=8, min_scale=0.5)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epochs = [[b for b in loader] for _ in range(2)]
+    assert [len(e) for e in epochs] == [3, 3] and len(loader) == 3
+    assert [b.keys for b in epochs[0]] != [b.keys for b in epochs[1]]  # reshuffled per epoch
+    for batch in epochs[0]:
+        assert batch.images.shape == (4, 3, 64, 64) and batch.images.dtype == torch.float32
+        assert -1.0 <= batch.images.min() and batch.images.max() <= 1.0
+        assert (batch.image_sizes <= 64).all() and (batch.image_sizes >= 32).all()
+        assert (batch.original_sizes == 64).all()
+        assert batch.pair_image.tolist() == sorted(batch.pair_image.tolist())
+        assert (torch.bincount(batch.pair_image, minlength=4) <= 4).all()
+        assert batch.input_ids.shape == (batch.num_pairs, 32) and batch.exemplar_boxes.shape == (batch.num_pairs, 0, 4)
+        for t in batch.targets:
+            assert t["masks"].dtype == torch.bool and t["masks"].shape[1:] == (64, 64)
+            assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all()
+    val = [b for b in dm.val_dataloader()]
+    assert sum(b.num_images for b in val) == SPLITS["val"]
+    assert (torch.cat([b.image_sizes for b in val]) == 64).all()
+    assert dm.skipped_samples == 0
+
+
+def test_query_selection_share_and_fill():
+    queries = [{"phrase": f"p{i}", "instances": [{}]} for i in range(6)] + [{"phrase": f"n{i}", "instances": []} for i in range(6)]
+    rng = random.Random(0)
+    chosen = select_queries(queries, max_queries=4, negative_share=0.25, rng=rng)
+    assert sum(is_negative(q) for q in chosen) == 1 and len(chosen) == 4
+    few_pos = queries[:1] + queries[6:]
+    chosen = select_queries(few_pos, max_queries=4, negative_share=0.25, rng=rng)
+    assert sum(not is_negative(q) for q in chosen) == 1 and len(chosen) == 4
+    assert len(select_queries(queries, max_queries=None, negative_share=0.5, rng=rng)) == 12
+
+
+def test_swap_left_right_and_keys():
+    assert swap_left_right("Left shoe to the right of a leftover") == "Right shoe to the left of a leftover"
+    assert "." not in make_key(3, "a.b/c.jpg") and make_key(3, "a.b/c.jpg").startswith("00000003_")
+    with pytest.raises(SampleError, match="outside"):
+        validate_meta({"width": 10, "height": 10, "queries": [
+            {"phrase": "x", "instances": [{"box": [5, 5, 9, 2], "rle": {"size": [10, 10], "counts": ""}}]}]})
+
+
+def test_color_jitter_equals_the_sequential_definition():
+    img = torch.randint(0, 256, (3, 10, 14), dtype=torch.uint8)
+    for seed in range(4):
+        out, _ = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)(img, {"size": (10, 14)}, random.Random(seed))
+        r = random.Random(seed)
+        ops = [(n, r.uniform(0.7, 1.3)) for n in ("brightness", "contrast", "saturation")]
+        r.shuffle(ops)
+        x = img.float()
+        for name, f in ops:
+            g = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+            x = x * f if name == "brightness" else ((x - g.mean()) * f + g.mean() if name == "contrast" else (x - g) * f + g)
+        assert torch.allclose(out, x.clamp(0, 255), atol=1e-3)
+
+
+def test_resize_pad_moves_boxes_with_masks():
+    _, meta = generate_scene(5, 2, image_size=96)
+    target = build_target(meta, meta["queries"], image_height=96, image_width=96)
+    image = torch.zeros(3, 96, 96, dtype=torch.uint8)
+    out, t = ResizePad(size=128, min_size=48, step=16, random_offset=True)(image, target, random.Random(1))
+    assert out.shape == (3, 128, 128)
+    for box, mask in zip(t["boxes"], t["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        tight = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert (box - tight).abs().max() <= 2.0  # nearest-neighbour mask vs exact box scaling
+
+
+def test_make_shards_command_line(tmp_path, capsys):
+    (tmp_path / "pool" / "sub").mkdir(parents=True)
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(tmp_path / "pool" / "a.jpg")
+    Image.new("L", (8, 8), 9).save(tmp_path / "pool" / "sub" / "b.v2.png")
+    (tmp_path / "vocab.txt").write_text("# pool phrases\nred star\nblue circle  # comment\n\nred star\n")
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    code = make_shards.main(["images", "--images", str(tmp_path / "pool"), "--vocabulary", str(tmp_path / "vocab.txt"),
+                             "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().endswith("images-000000.tar")
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "images-000000.tar"), shardshuffle=False, nodesplitter=None))
+    assert [s["__key__"] for s in samples] == ["00000000_a", "00000001_b_v2"]
+    meta = json.loads(samples[1]["json"])
+    assert (meta["width"], meta["height"]) == (8, 8)
+    assert [(q["phrase"], q["exhaustive"], q["instances"]) for q in meta["queries"]] == [
+        ("red star", False, []), ("blue circle", False, [])]
