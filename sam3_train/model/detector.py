@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -54,6 +54,9 @@ class Sam3Detector(Sam3Model):
             even when no pair has a box, as Meta's trainer does. Off by default to match
             transformers' inference, which skips it for text-only prompts.
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
+        init: ``transformers`` (normal, std 0.02) or ``xavier`` (Xavier-uniform linear weights, zero
+            biases) for training from scratch: at small widths transformers' init leaves the heads
+            ignoring their input (a presence logit constant across pairs).
     """
 
     def __init__(
@@ -64,14 +67,28 @@ class Sam3Detector(Sam3Model):
         activation_checkpointing: bool = False,
         encode_empty_geometry: bool = False,
         tokenizer: Sam3Tokenizer | None = None,
+        init: Literal["transformers", "xavier"] = "transformers",
     ):
         super().__init__(config)
+        if init == "xavier":
+            self.reset_linear_layers()
+        elif init != "transformers":
+            raise ValueError(f"Unknown init {init!r}: 'transformers' or 'xavier'.")
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
         self._tokenizer = tokenizer
         self.set_activation_checkpointing(activation_checkpointing)
 
     # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def reset_linear_layers(self) -> None:
+        """Xavier-uniform weights and zero biases for every linear layer (from-scratch training)."""
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
         for module in self.vision_encoder.modules():
@@ -240,7 +257,8 @@ class Sam3Detector(Sam3Model):
 
 
 def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpointing: bool = False,
-                   encode_empty_geometry: bool = False, **overrides: Any) -> Sam3Detector:
+                   encode_empty_geometry: bool = False, init: Literal["transformers", "xavier"] = "transformers",
+                   **overrides: Any) -> Sam3Detector:
     """A randomly initialised detector of a preset size (``tiny``, ``small``, ``sam3``).
 
     ``overrides`` go to :func:`sam3_train.model.presets.preset_config` (``image_size``,
@@ -251,4 +269,5 @@ def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpo
         dac=dac,
         activation_checkpointing=activation_checkpointing,
         encode_empty_geometry=encode_empty_geometry,
+        init=init,
     )

@@ -1,0 +1,165 @@
+"""Lightning callbacks: prediction files, W&B validation pictures, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam3_train.data.batch import Batch
+from sam3_train.visualize import denormalise, label_map, overlay
+
+log = logging.getLogger(__name__)
+
+
+def encode_rle(mask: torch.Tensor) -> dict[str, Any]:
+    """[H, W] bool -> COCO RLE with ``counts`` as str (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.detach().cpu().numpy().astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions-rank{r}.jsonl`` (one line per image: its phrases' detections) under
+    ``output_dir``, each rank its own file, and with ``overlays`` a PNG per (image, phrase).
+
+    A line: ``{"key", "height", "width", "phrases": [{"phrase", "presence", "detections":
+    [{"score", "box" [x0, y0, x1, y1] pixels, "rle"}]}]}``.
+    """
+
+    def __init__(self, *, output_dir: str = "predictions", overlays: bool = False, max_overlays: int = 200):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.overlays = overlays
+        self.max_overlays = max_overlays
+        self._written = 0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._path = self.output_dir / f"predictions-rank{trainer.global_rank}.jsonl"
+        self._file = self._path.open("w")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        batch: Batch = prediction["batch"]
+        preds = prediction["predictions"]
+        sizes = batch.original_sizes if batch.original_sizes is not None else batch.image_sizes
+        for i in range(batch.num_images):
+            height, width = sizes[i].tolist()
+            key = batch.keys[i] if batch.keys else f"{trainer.global_rank}-{batch_idx}-{i}"
+            phrases = []
+            for p in (batch.pair_image == i).nonzero().flatten().tolist():
+                pred = preds[p]
+                detections = [
+                    {"score": round(float(s), 5), "box": [round(float(c), 2) for c in b],
+                     **({"rle": encode_rle(m)} if "masks" in pred else {})}
+                    for s, b, m in zip(pred["scores"], pred["boxes"], pred.get("masks", [None] * len(pred["scores"])))
+                ]
+                phrases.append({"phrase": batch.phrases[p] if batch.phrases else "", "presence": float(pred["presence"]),
+                                "detections": detections})
+                if self.overlays and "masks" in pred and self._written < self.max_overlays:
+                    self._write_overlay(batch, i, p, pred, key, (height, width))
+            self._file.write(json.dumps({"key": key, "height": height, "width": width, "phrases": phrases}) + "\n")
+        self._file.flush()
+
+    def _write_overlay(self, batch: Batch, image: int, pair: int, pred: dict, key: str, size: tuple[int, int]) -> None:
+        h, w = batch.image_sizes[image].tolist()
+        content = Image.fromarray(denormalise(batch.images[image])[:h, :w])
+        picture = np.asarray(content.resize((size[1], size[0]), Image.BILINEAR))  # back to the original size
+        labels = [f"{batch.phrases[pair]} {s:.2f}" for s in pred["scores"].tolist()]
+        folder = self.output_dir / "overlays"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{key}-{pair}-{_slug(batch.phrases[pair])}.png"
+        overlay(picture, pred["masks"], boxes=pred["boxes"], labels=labels).save(folder / name)
+        self._written += 1
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._file.close()
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            log.info("Predictions written to %s", self.output_dir)
+            print(f"predictions: {self.output_dir}/predictions-rank*.jsonl"
+                  + (f", overlays in {self.output_dir}/overlays" if self.overlays else ""))
+
+
+def _slug(phrase: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in phrase)[:60]
+
+
+class ValidationImages(L.Callback):
+    """Logs ground truth and predicted masks of the first ``num_images`` validation images per phrase:
+    to W&B as ``wandb.Image`` with one label map per mask set, and as PNG overlays under
+    ``{default_root_dir}/overlays/step{N}`` for every logger."""
+
+    def __init__(self, *, num_images: int = 4, max_phrases: int = 3):
+        self.num_images = num_images
+        self.max_phrases = max_phrases
+        self.last_dir: Path | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or not trainer.is_global_zero or trainer.sanity_checking or outputs is None:
+            return
+        out_dir = Path(trainer.default_root_dir) / "overlays" / f"step{trainer.global_step:06d}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        panels = []
+        for i in range(min(self.num_images, batch.num_images)):
+            h, w = batch.image_sizes[i].tolist()
+            picture = denormalise(batch.images[i])[:h, :w]
+            for p in (batch.pair_image == i).nonzero().flatten().tolist()[: self.max_phrases]:
+                pred = outputs[p]
+                keep = pred["scores"] >= 0.5
+                truth = batch.targets[p]["masks"][:, :h, :w]
+                phrase = batch.phrases[p] if batch.phrases else str(p)
+                side = np.concatenate([np.asarray(overlay(picture, truth)),
+                                       np.asarray(overlay(picture, pred["masks"][keep], boxes=pred["boxes"][keep]))], 1)
+                Image.fromarray(side).save(out_dir / f"img{i}-{_slug(phrase)}.png")
+                panels.append((picture, truth, pred["masks"][keep], phrase))
+        self.last_dir = out_dir
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                images = [
+                    wandb.Image(picture, caption=phrase, masks={
+                        "ground_truth": {"mask_data": label_map(truth), "class_labels": _labels(phrase, len(truth))},
+                        "prediction": {"mask_data": label_map(pred), "class_labels": _labels(phrase, len(pred))},
+                    })
+                    for picture, truth, pred, phrase in panels
+                ]
+                logger.experiment.log({"val/examples": images, "trainer/global_step": trainer.global_step})
+
+
+def _labels(phrase: str, n: int) -> dict[int, str]:
+    return {0: "background", **{i + 1: f"{phrase} #{i + 1}" for i in range(max(n, 1))}}
+
+
+class RunSummary(L.Callback):
+    """At the end of ``fit`` (rank 0), prints the last validation metrics and where things are."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        lines = ["", "sam3-train: fit finished"]
+        for key in ("val/cgF1", "val/cgF1@50", "val/IL_MCC", "val/pmF1", "val/mAP", "val/presence_accuracy"):
+            if key in metrics:
+                lines.append(f"  {key:<24} {metrics[key]:.2f}")
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            lines.append(f"  checkpoint               {ckpt.last_model_path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                lines.append(f"  W&B run                  {logger.experiment.dir}")
+            elif logger.log_dir:
+                lines.append(f"  {type(logger).__name__:<24} {logger.log_dir}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, ValidationImages) and callback.last_dir is not None:
+                lines.append(f"  overlays                 {callback.last_dir}")
+        print("\n".join(lines))

@@ -1,0 +1,191 @@
+"""``Sam3LitModule``: the SAM 3 detector and its objective as a LightningModule.
+
+    sam3-train fit --config configs/shapes_tiny.yaml
+
+Training: detector forward on a pair batch (DAC halves on), ``Sam3Criterion`` terms logged as
+``train/<term>``, their weighted total as ``train/loss``. Validation and test: eval-mode forward,
+post-processing to the input frame, cgF1 (masks and boxes), COCO mAP and presence accuracy logged as
+``val/<name>`` / ``test/<name>``. Prediction returns post-processed detections per pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from sam3_train.data.batch import Batch
+from sam3_train.losses import Sam3Criterion
+from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
+from sam3_train.model import Sam3Detector, build_detector
+from sam3_train.model.postprocess import box_cxcywh_to_xyxy, postprocess
+from sam3_train.optim import Schedule, param_groups, schedule_factor
+
+log = logging.getLogger(__name__)
+
+
+class Sam3LitModule(L.LightningModule):
+    """SAM 3 detector + objective + metrics.
+
+    Args:
+        preset: model size when not loading a checkpoint (``tiny``, ``small``, ``sam3``).
+        image_size: input side S (linked from the data module's ``image_size`` by the CLI).
+        model_overrides: passed to ``build_detector`` (``image_size``, ``num_queries``, ``dropout``,
+            nested sub-config dicts).
+        pretrained: local HF-format checkpoint directory (``facebook/sam3`` layout) to fine-tune from;
+            overrides ``preset``.
+        init: initialisation when training from scratch (``xavier``, or transformers' own); ignored
+            with ``pretrained``.
+        dac: DAC-DETR one-to-many half in training.
+        activation_checkpointing: recompute ViT, DETR-encoder and decoder activations in backward.
+        freeze_vision, freeze_text: keep those encoders fixed.
+        criterion: the objective (default: SAM 3's segmentation fine-tuning weights).
+        lr, lr_vision, lr_text: base learning rates of the transformer/heads, vision and text groups.
+        layer_decay: vision learning rate decay per ViT block towards the input.
+        weight_decay: AdamW weight decay (none on norms, biases, embeddings).
+        schedule, warmup_steps, cooldown_steps, timescale: learning-rate schedule (see optim.py).
+        eval_score_threshold: detections kept for mAP (cgF1 applies its own 0.5).
+        max_detections: detections per pair kept for evaluation and prediction.
+    """
+
+    def __init__(
+        self,
+        *,
+        preset: str = "tiny",
+        image_size: int | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        init: Literal["transformers", "xavier"] = "xavier",
+        dac: bool = True,
+        activation_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        freeze_text: bool = False,
+        criterion: Sam3Criterion | None = None,
+        lr: float = 8e-5,
+        lr_vision: float = 2.5e-5,
+        lr_text: float = 5e-6,
+        layer_decay: float = 0.9,
+        weight_decay: float = 0.1,
+        schedule: Schedule = "inverse_sqrt",
+        warmup_steps: int = 100,
+        cooldown_steps: int = 0,
+        timescale: int | None = None,
+        eval_score_threshold: float = 0.05,
+        max_detections: int = 100,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["criterion"])
+        if pretrained:
+            self.detector: Sam3Detector = Sam3Detector.from_pretrained(
+                pretrained, dac=dac, activation_checkpointing=activation_checkpointing
+            )
+        else:
+            overrides = dict(model_overrides or {})
+            if image_size is not None:
+                overrides["image_size"] = image_size
+            self.detector = build_detector(
+                preset, dac=dac, activation_checkpointing=activation_checkpointing, init=init, **overrides
+            )
+        for flag, module in ((freeze_vision, self.detector.vision_encoder), (freeze_text, self.detector.text_encoder)):
+            if flag:
+                module.requires_grad_(False)
+        self.criterion = criterion or Sam3Criterion()
+        self.val_metrics = self._metrics()
+        self.test_metrics = self._metrics()
+
+    @staticmethod
+    def _metrics() -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict(
+            {"cgf1": CGF1(), "map": CocoMeanAveragePrecision(), "presence": PresenceAccuracy()}
+        )
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: Batch) -> dict[str, Any]:
+        return self.detector(batch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(
+            batch, device, dataloader_idx)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        outputs = self.detector(batch)
+        terms = self.criterion(outputs, batch.targets)
+        loss = self.criterion.weighted_total(terms, num_pairs=batch.num_pairs)
+        size = batch.num_pairs
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/pairs", float(size), batch_size=size)
+        skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer else None
+        if skipped is not None:
+            self.log("train/skipped_samples", float(skipped), batch_size=size)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for i, group in enumerate(self.optimizers().param_groups):
+            self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+
+    def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
+        outputs = self.detector(batch)
+        preds = postprocess(outputs, batch, score_threshold=self.hparams.eval_score_threshold,
+                            max_detections=self.hparams.max_detections)
+        targets = eval_targets(batch)
+        metrics["cgf1"].update(preds, targets)
+        metrics["map"].update(preds, targets)
+        metrics["presence"].update(outputs["presence_logit"].sigmoid(), targets)
+        return preds
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        return self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        return self._evaluate(batch, self.test_metrics)
+
+    def _log_metrics(self, metrics: torch.nn.ModuleDict, stage: str) -> None:
+        values: dict[str, Any] = {}
+        for metric in metrics.values():
+            values.update(metric.compute())
+            metric.reset()
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in values.items()}, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        outputs = self.detector(batch)
+        preds = postprocess(outputs, batch, original_sizes=batch.original_sizes,
+                            score_threshold=self.hparams.eval_score_threshold,
+                            max_detections=self.hparams.max_detections)
+        return {"batch": batch, "predictions": preds}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        groups = param_groups(self.detector, lr=h.lr, lr_vision=h.lr_vision, lr_text=h.lr_text,
+                              layer_decay=h.layer_decay, weight_decay=h.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        factor = partial(schedule_factor, total_steps=total, kind=h.schedule, warmup_steps=h.warmup_steps,
+                         cooldown_steps=h.cooldown_steps, timescale=h.timescale)
+        scheduler = LambdaLR(optimizer, lr_lambda=factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def eval_targets(batch: Batch) -> list[dict[str, Any]]:
+    """Batch targets in the metric's frame: the image content inside the input, pixels, xyxy."""
+    side = batch.images.shape[-1]
+    targets = []
+    for p, target in enumerate(batch.targets):
+        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
+        targets.append({
+            "masks": target["masks"][:, :h, :w],
+            "boxes": box_cxcywh_to_xyxy(target["boxes"].float()) * side,
+            "exhaustive": bool(target["exhaustive"]),
+        })
+    return targets

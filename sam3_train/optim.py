@@ -1,0 +1,94 @@
+"""Optimiser parameter groups and learning-rate schedules as in SAM 3's fine-tuning configs.
+
+Groups: the vision encoder (its own learning rate, decayed layer by layer towards the input), the
+text encoder (its own, small learning rate) and everything else (DETR encoder/decoder, heads).
+Norms, biases and embeddings get no weight decay.
+
+Schedules return a multiplier of each group's base learning rate for a step:
+- ``inverse_sqrt`` (Meta's ``InverseSquareRootParamScheduler``): linear warm-up, then
+  1 / sqrt((step + timescale - warmup) / timescale), times a linear cool-down over the last steps;
+- ``cosine``: linear warm-up then half a cosine to zero;
+- ``constant``: linear warm-up then 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+from torch import nn
+
+Schedule = Literal["inverse_sqrt", "cosine", "constant"]
+_VIT_LAYER = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or "norm" in name or "embed" in name or name.endswith(".bias")
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    lr_vision: float,
+    lr_text: float,
+    layer_decay: float,
+    weight_decay: float,
+) -> list[dict]:
+    """AdamW groups keyed by (part, vision depth, decay). Frozen parameters are left out.
+
+    Vision depth: patch/position embeddings 0, ViT block i at i + 1, the neck at num_layers + 1; the
+    learning rate is ``lr_vision * layer_decay ** (num_layers + 1 - depth)``.
+    """
+    vit_layers = sum(1 for n, _ in model.named_modules() if re.fullmatch(r"vision_encoder\.backbone\.layers\.\d+", n))
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("vision_encoder."):
+            match = _VIT_LAYER.match(name)
+            if match:
+                depth = int(match.group(1)) + 1
+            elif name.startswith("vision_encoder.backbone."):
+                depth = 0
+            else:
+                depth = vit_layers + 1
+            part, rate = f"vision{depth}", lr_vision * layer_decay ** (vit_layers + 1 - depth)
+        elif name.startswith("text_encoder."):
+            part, rate = "text", lr_text
+        else:
+            part, rate = "transformer", lr
+        decay = 0.0 if _no_decay(name, param) else weight_decay
+        key = (part, decay)
+        group = groups.setdefault(key, {"params": [], "lr": rate, "weight_decay": decay, "name": f"{part}/wd{decay:g}"})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def schedule_factor(
+    step: int,
+    *,
+    total_steps: int,
+    kind: Schedule = "inverse_sqrt",
+    warmup_steps: int = 0,
+    cooldown_steps: int = 0,
+    timescale: int | None = None,
+) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``."""
+    factor = 1.0
+    if kind == "inverse_sqrt":
+        timescale = timescale or max(warmup_steps, 1)
+        if step > warmup_steps:
+            factor /= math.sqrt((step + timescale - warmup_steps) / timescale)
+        if cooldown_steps:
+            factor *= max(0.0, min(1.0, (total_steps - step) / cooldown_steps))
+    elif kind == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        factor = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    elif kind != "constant":
+        raise ValueError(f"Unknown schedule {kind!r}: inverse_sqrt, cosine or constant.")
+    if warmup_steps:
+        factor *= min(1.0, (step + 1) / warmup_steps)
+    return factor
