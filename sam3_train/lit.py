@@ -22,7 +22,8 @@ from sam3_train.data.batch import Batch
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import Sam3Detector, build_detector
-from sam3_train.model.postprocess import box_cxcywh_to_xyxy, postprocess
+from sam3_train.box_ops import cxcywh_to_xyxy
+from sam3_train.model.postprocess import postprocess
 from sam3_train.optim import Schedule, param_groups, schedule_factor
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def eval_targets(batch: Batch) -> list[dict[str, Any]]:
         h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
         targets.append({
             "masks": target["masks"][:, :h, :w],
-            "boxes": box_cxcywh_to_xyxy(target["boxes"].float()) * side,
+            "boxes": cxcywh_to_xyxy(target["boxes"].float()) * side,
             "exhaustive": bool(target["exhaustive"]),
         })
     return targets

@@ -34,5 +34,16 @@ def shapes_batch(shapes_root):
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread for the test (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def wandb_disabled(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")

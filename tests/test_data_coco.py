@@ -20,18 +20,13 @@ from sam3_train.data.transforms import eval_transforms
 from sam3_train.model.tokenizer import Sam3Tokenizer
 
 
+# Two shared cores: torch's intra-op threads only contend in these data tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Sam3Tokenizer.from_open_clip()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: torch's intra-op threads only contend here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

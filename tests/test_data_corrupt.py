@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -26,12 +25,8 @@ from sam3_train.model.tokenizer import Sam3Tokenizer
 KINDS = ["corrupt_image", "invalid_json", "bad_rle", "box_outside", "json_missing_field", "no_image", "no_json"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two shared cores: torch's intra-op threads only contend in these data tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _good(i: int) -> dict:

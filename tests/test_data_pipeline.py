@@ -23,17 +23,13 @@ from sam3_train.model.tokenizer import Sam3Tokenizer
 SHARD_SIZES = [5, 5, 3, 7, 5, 1, 6, 4]  # uneven on purpose; 36 samples
 
 
+# Two shared cores: torch's intra-op threads only contend in these data tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def collate():
     return Collator(tokenizer=Sam3Tokenizer.from_open_clip())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_sample(i: int) -> tuple[bytes, dict]:

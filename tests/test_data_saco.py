@@ -20,12 +20,8 @@ from sam3_train.model.tokenizer import Sam3Tokenizer
 H, W = 40, 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two shared cores: torch's intra-op threads only contend in these data tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rect(x0, y0, x1, y1):

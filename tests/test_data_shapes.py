@@ -24,12 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"train": 24, "val": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two shared cores: torch's intra-op threads only contend in these data tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _triples(meta) -> set[tuple[str, str, str]]:

@@ -12,7 +12,8 @@ from transformers import Sam3Config, Sam3Model
 from sam3_train.data import Batch
 from sam3_train.model import Sam3Detector, build_detector
 from sam3_train.model.decoder import run_decoder
-from sam3_train.model.postprocess import box_cxcywh_to_xyxy, postprocess
+from sam3_train.box_ops import cxcywh_to_xyxy
+from sam3_train.model.postprocess import postprocess
 
 PHRASES = ["red star", "blue circle", "small green square"]
 
@@ -75,7 +76,7 @@ def test_eval_parity_with_transformers(detector, prompt):
     ref = reference_outputs(detector, batch)
     assert "o2m" not in ours
     torch.testing.assert_close(ours["pred_logits"], ref.pred_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(box_cxcywh_to_xyxy(ours["pred_boxes"]), ref.pred_boxes, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cxcywh_to_xyxy(ours["pred_boxes"]), ref.pred_boxes, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours["presence_logit"], ref.presence_logits.squeeze(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours["pred_masks"], ref.pred_masks, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours["semantic_seg"], ref.semantic_seg, atol=1e-5, rtol=0)

@@ -10,16 +10,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sam3_train.box_ops import xyxy_to_cxcywh
 from sam3_train.data.batch import Batch
 from sam3_train.data.transforms import as_mask_tensor
 
 Tokenizer = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # phrases -> ids, mask [N, L]
-
-
-def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """[n, 4] xyxy -> [n, 4] cxcywh (same units)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
 class Collator:

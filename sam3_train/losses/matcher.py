@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
-from sam3_train.losses.box_ops import cxcywh_to_xyxy, pairwise_giou, pairwise_iou
+from sam3_train.box_ops import cxcywh_to_xyxy, pairwise_giou, pairwise_iou
 from sam3_train.losses.targets import PackedTargets, as_packed
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sam3_train.losses.box_ops import cxcywh_to_xyxy
+from sam3_train.box_ops import cxcywh_to_xyxy
 
 
 @dataclass

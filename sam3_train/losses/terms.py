@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from sam3_train.losses.box_ops import cxcywh_to_xyxy, elementwise_iou_and_giou
+from sam3_train.box_ops import cxcywh_to_xyxy, elementwise_iou_and_giou
 from sam3_train.losses.matcher import MatchIndices
 from sam3_train.losses.point_sampling import point_sample, sample_binary_masks, uncertain_points
 from sam3_train.losses.targets import PackedTargets

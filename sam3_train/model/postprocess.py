@@ -10,12 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
 def detection_scores(outputs: dict) -> torch.Tensor:
@@ -50,7 +46,7 @@ def postprocess(
         (h, w), (height, width) = batch.image_sizes[image].tolist(), original_sizes[image].tolist()
         order = scores[p].argsort(descending=True)
         order = order[scores[p, order] >= score_threshold][:max_detections]
-        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][p, order].float())
+        boxes = cxcywh_to_xyxy(outputs["pred_boxes"][p, order].float())
         scale = boxes.new_tensor([width / w, height / h, width / w, height / h]) * side
         boxes = boxes * scale
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

@@ -1,6 +1,6 @@
-"""Box geometry for matching and losses: format conversion, IoU and generalised IoU.
+"""Box geometry shared by the model, data and losses: format conversion, IoU and generalised IoU.
 
-Boxes are normalised to [0, 1]. ``cxcywh`` is (centre x, centre y, width, height); ``xyxy`` is
+Boxes are normalised to [0, 1] unless a caller says pixels (conversions work in any unit). ``cxcywh`` is (centre x, centre y, width, height); ``xyxy`` is
 (x0, y0, x1, y1). Every function takes any number of leading batch dimensions.
 
 Degenerate boxes (zero width or height) are legal targets: every ratio divides by a denominator
@@ -19,6 +19,12 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """[..., 4] cxcywh -> [..., 4] xyxy."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] xyxy -> [..., 4] cxcywh."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
 
 
 def box_area(boxes_xyxy: torch.Tensor) -> torch.Tensor:
