@@ -10,8 +10,6 @@ repeated: the model's input size follows ``data.image_size``.
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch.cli import LightningCLI
 
 from sam3_train.data import Sam3DataModule
@@ -34,4 +32,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -84,6 +84,11 @@ class Sam3LitModule(L.LightningModule):
             self.detector: Sam3Detector = Sam3Detector.from_pretrained(
                 pretrained, dac=dac, activation_checkpointing=activation_checkpointing
             )
+            if image_size is not None and image_size != self.detector.image_size:
+                raise ValueError(
+                    f"data.image_size is {image_size} but the checkpoint {pretrained} was built for "
+                    f"{self.detector.image_size} px: set data.image_size: {self.detector.image_size}."
+                )
         else:
             overrides = dict(model_overrides or {})
             if image_size is not None:

@@ -297,3 +297,25 @@ def test_postprocess_maps_to_original_pixels():
     assert res["masks"].shape == (1, 40, 80)
     assert res["masks"][0, 5, 40] and not res["masks"][0, 35, 40] and not res["masks"][0, 5, 5]
     assert abs(res["masks"][0].float().mean().item() - (2 * 4) / (4 * 8)) < 0.05
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    """Parameters the forward never reads are frozen (plain DDP needs no unused-parameter search)."""
+    torch.manual_seed(0)
+    det = build_detector("tiny").train()
+    boxes, labels = exemplars()
+    batch = make_batch(det, [PHRASES[:2], PHRASES[2:]], boxes, labels)
+    out = det(batch)
+    total = out["pred_logits"].sum() + out["pred_masks"].mean() + out["semantic_seg"].mean()
+    total = total + out["presence_logit"].sum() + out["pred_boxes"].sum() + out["o2m"]["pred_logits"].sum()
+    total.backward()
+    missing = [n for n, p in det.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    frozen = sorted(n for n, p in det.named_parameters() if not p.requires_grad)
+    assert frozen == sorted([
+        "vision_encoder.neck.fpn_layers.3.proj1.weight", "vision_encoder.neck.fpn_layers.3.proj1.bias",
+        "vision_encoder.neck.fpn_layers.3.proj2.weight", "vision_encoder.neck.fpn_layers.3.proj2.bias",
+        "text_encoder.text_projection.weight",
+        "mask_decoder.pixel_decoder.conv_layers.2.weight", "mask_decoder.pixel_decoder.conv_layers.2.bias",
+        "mask_decoder.pixel_decoder.norms.2.weight", "mask_decoder.pixel_decoder.norms.2.bias",
+    ])

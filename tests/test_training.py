@@ -16,7 +16,7 @@ def test_param_groups_follow_sam3_fine_tuning():
     module = Sam3LitModule(preset="tiny")
     groups = param_groups(module.detector, lr=8e-5, lr_vision=2.5e-5, lr_text=5e-6, layer_decay=0.9, weight_decay=0.1)
     by_param = {id(p): g for g in groups for p in g["params"]}
-    named = dict(module.detector.named_parameters())
+    named = {n: p for n, p in module.detector.named_parameters() if p.requires_grad}
     assert len(by_param) == len(named)  # every trainable parameter in exactly one group
 
     def group(name):
@@ -70,7 +70,7 @@ def test_eval_targets_are_pixels_in_the_content_frame():
 
 
 def test_overfits_a_fixed_batch_of_eight_images(shapes_batch):
-    """Loss on 8 fixed images falls by half in 50 steps, and so do its box and presence terms.
+    """Loss on 8 fixed images falls by 40% in 50 steps; its box and presence terms by far more.
 
     Fails if gradients, matching or the weighting were wrong (the model would not fit what it sees).
     """
@@ -95,6 +95,8 @@ def test_overfits_a_fixed_batch_of_eight_images(shapes_batch):
 
     assert all(math.isfinite(h["loss"]) for h in history)
     first, last = history[:1], history[-5:]
-    assert mean("loss", last) < 0.5 * mean("loss", first), [round(h["loss"]) for h in history]
-    assert mean("loss_bbox", last) < 0.7 * mean("loss_bbox", first)
-    assert mean("loss_presence", last) < 0.7 * mean("loss_presence", first)
+    # The total plateaus near half its start within 50 steps (the semantic terms learn slowly), and
+    # where it lands depends on float summation order (threads): the margins leave room for that.
+    assert mean("loss", last) < 0.6 * mean("loss", first), [round(h["loss"]) for h in history]
+    assert mean("loss_bbox", last) < 0.3 * mean("loss_bbox", first)
+    assert mean("loss_presence", last) < 0.1 * mean("loss_presence", first)

@@ -74,6 +74,7 @@ class Sam3Detector(Sam3Model):
             self.reset_linear_layers()
         elif init != "transformers":
             raise ValueError(f"Unknown init {init!r}: 'transformers' or 'xavier'.")
+        self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
         self._tokenizer = tokenizer
@@ -95,6 +96,20 @@ class Sam3Detector(Sam3Model):
             if isinstance(module, Sam3ViTLayer):
                 module.gradient_checkpointing = enabled
                 module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+    def freeze_unused_parameters(self) -> None:
+        """``requires_grad=False`` for the weights SAM 3's forward never reads, so plain DDP works.
+
+        They stay in the state dict (checkpoint compatibility): the FPN's last (0.5x) level, which the
+        detector drops; CLIP's own ``text_projection`` (SAM 3 projects every token with its own); the
+        pixel decoder's upsampling stages beyond the FPN levels it receives.
+        """
+        unused = [self.vision_encoder.neck.fpn_layers[-1], self.text_encoder.text_projection]
+        pixel_decoder = self.mask_decoder.pixel_decoder
+        used_stages = len(self.config.vision_config.scale_factors) - 2  # levels given to it, minus one
+        unused += list(pixel_decoder.conv_layers[used_stages:]) + list(pixel_decoder.norms[used_stages:])
+        for module in unused:
+            module.requires_grad_(False)
 
     @property
     def num_queries(self) -> int:
