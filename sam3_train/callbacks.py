@@ -5,26 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from sam3_train.data import rle
 from sam3_train.data.batch import Batch
-from sam3_train.visualize import denormalise, label_map, overlay
+from sam3_train.visualize import denormalise, label_map, overlay, slug
 
 log = logging.getLogger(__name__)
-
-
-def encode_rle(mask: torch.Tensor) -> dict[str, Any]:
-    """[H, W] bool -> COCO RLE with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.detach().cpu().numpy().astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -59,7 +51,7 @@ class PredictionWriter(BasePredictionWriter):
                 pred = preds[p]
                 detections = [
                     {"score": round(float(s), 5), "box": [round(float(c), 2) for c in b],
-                     **({"rle": encode_rle(m)} if "masks" in pred else {})}
+                     **({"rle": rle.encode(m.cpu().numpy())} if "masks" in pred else {})}
                     for s, b, m in zip(pred["scores"], pred["boxes"], pred.get("masks", [None] * len(pred["scores"])))
                 ]
                 phrases.append({"phrase": batch.phrases[p] if batch.phrases else "", "presence": float(pred["presence"]),
@@ -76,7 +68,7 @@ class PredictionWriter(BasePredictionWriter):
         labels = [f"{batch.phrases[pair]} {s:.2f}" for s in pred["scores"].tolist()]
         folder = self.output_dir / "overlays"
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{key}-{pair}-{_slug(batch.phrases[pair])}.png"
+        name = f"{key}-{pair}-{slug(batch.phrases[pair])}.png"
         overlay(picture, pred["masks"], boxes=pred["boxes"], labels=labels).save(folder / name)
         self._written += 1
 
@@ -87,10 +79,6 @@ class PredictionWriter(BasePredictionWriter):
             log.info("Predictions written to %s", self.output_dir)
             print(f"predictions: {self.output_dir}/predictions-rank*.jsonl"
                   + (f", overlays in {self.output_dir}/overlays" if self.overlays else ""))
-
-
-def _slug(phrase: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in phrase)[:60]
 
 
 class ValidationImages(L.Callback):
@@ -119,7 +107,7 @@ class ValidationImages(L.Callback):
                 phrase = batch.phrases[p] if batch.phrases else str(p)
                 side = np.concatenate([np.asarray(overlay(picture, truth)),
                                        np.asarray(overlay(picture, pred["masks"][keep], boxes=pred["boxes"][keep]))], 1)
-                Image.fromarray(side).save(out_dir / f"img{i}-{_slug(phrase)}.png")
+                Image.fromarray(side).save(out_dir / f"img{i}-{slug(phrase)}.png")
                 panels.append((picture, truth, pred["masks"][keep], phrase))
         self.last_dir = out_dir
         for logger in trainer.loggers:

@@ -12,6 +12,11 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def slug(phrase: str) -> str:
+    """A phrase as a file-name part: alphanumerics kept, everything else ``_``, at most 60 characters."""
+    return "".join(ch if ch.isalnum() else "_" for ch in phrase)[:60]
+
+
 def denormalise(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] normalised (mean = std = 0.5) -> [H, W, 3] uint8."""
     pixels = (image.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1)
