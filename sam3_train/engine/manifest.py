@@ -1,0 +1,164 @@
+"""The round manifest: written last and atomically, it is what makes a round directory finished.
+
+``round_dir/manifest.json`` (keys sorted, no timestamps: the same inputs give the same bytes)::
+
+    {"format": 1,
+     "inputs": {...},                                  # pool shards, phrase source, config: the caller's
+     "checkpoint": {"path": str, "sha256": str},
+     "thresholds": {"verifiers": {name: {arg: value}}, "negatives": {...}},
+     "counts": {"samples", "pairs", "exhaustive_pairs", "instances", "negatives_mined", "empty_masks",
+                "kept": {verifier: n}, "rejected": {verifier: n}},
+     "shards": {"0": [{"path": "shards-rank000/pseudo-000000.tar", "size": bytes, "sha256": str}], ...},
+     "world_size": int,
+     "metrics": {}}                                    # filled after the round's fit and evaluation
+
+After every rank has renamed its folder (a barrier), rank 0 calls :func:`finalize_round`.
+:func:`round_finished` tells a re-run to skip the round; :func:`clean_unfinished` removes what a
+killed run left so the round can be written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+SUMMARY = "summary.json"  # per-rank summary inside each shards-rankNNN folder (writer.py)
+TMP_SUFFIX = ".tmp"
+
+
+def rank_dir_name(rank: int) -> str:
+    """The folder of one rank's shards inside a round directory."""
+    return f"shards-rank{rank:03d}"
+
+
+def empty_counts() -> dict[str, Any]:
+    """Counts one rank adds up over its samples (the manifest sums them over ranks)."""
+    return {"samples": 0, "pairs": 0, "exhaustive_pairs": 0, "instances": 0, "negatives_mined": 0,
+            "empty_masks": 0, "kept": {}, "rejected": {}}
+
+
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``total += part`` for (nested) count dicts, in place; returns ``total``."""
+    for k, v in part.items():
+        if isinstance(v, dict):
+            add_counts(total.setdefault(k, {}), v)
+        else:
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON (sorted keys) to ``path.tmp``, fsync, then os.replace onto ``path``:
+    readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, sort_keys=True, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finalize_round(
+    round_dir: str | os.PathLike,
+    *,
+    world_size: int,
+    inputs: dict[str, Any],
+    checkpoint: str | os.PathLike,
+    thresholds: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rank 0, after the barrier: merge the ranks' summaries and write the manifest; returns it.
+
+    Raises FileNotFoundError naming the rank whose folder is missing (that rank did not finish).
+    """
+    round_dir = Path(round_dir)
+    counts, shards = empty_counts(), {}
+    for rank in range(world_size):
+        summary_path = round_dir / rank_dir_name(rank) / SUMMARY
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"{summary_path} is missing: rank {rank} did not finish writing its shards; "
+                                    "run the round again")
+        summary = json.loads(summary_path.read_text())
+        add_counts(counts, summary["counts"])
+        shards[str(rank)] = summary["shards"]
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    manifest = {
+        "format": FORMAT,
+        "inputs": inputs,
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "thresholds": thresholds,
+        "counts": counts,
+        "shards": shards,
+        "world_size": world_size,
+        "metrics": metrics or {},
+    }
+    write_json_atomic(round_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(round_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest, or None when it is missing or not valid JSON."""
+    path = Path(round_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def shard_paths(round_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """Every shard of a finished round, rank by rank, as paths."""
+    return [str(Path(round_dir) / s["path"]) for r in sorted(manifest["shards"], key=int) for s in manifest["shards"][r]]
+
+
+def round_finished(round_dir: str | os.PathLike, *, check_hashes: bool = False) -> bool:
+    """True when the manifest exists, has the current format and every shard it lists exists with
+    its recorded size (and sha256 with ``check_hashes``; reading every byte is slow for big rounds)."""
+    round_dir = Path(round_dir)
+    manifest = read_manifest(round_dir)
+    if manifest is None or manifest.get("format") != FORMAT:
+        return False
+    for entries in manifest.get("shards", {}).values():
+        for entry in entries:
+            path = round_dir / entry["path"]
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                return False
+            if check_hashes and file_sha256(path) != entry["sha256"]:
+                return False
+    return True
+
+
+def clean_unfinished(round_dir: str | os.PathLike) -> list[str]:
+    """Remove what an unfinished round left (``*.tmp`` files and folders, rank folders, a stale
+    manifest) so it can be written again from scratch; a finished round is left alone.
+
+    Returns the names removed. Rank folders go too: a re-run may use another world size, and a
+    rank folder that outlived its manifest no longer belongs to any round.
+    """
+    round_dir = Path(round_dir)
+    if not round_dir.is_dir() or round_finished(round_dir):
+        return []
+    removed = []
+    for path in sorted(round_dir.iterdir()):
+        if path.name.endswith(TMP_SUFFIX) or path.name.startswith("shards-rank") or path.name == MANIFEST:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path.name)
+    return removed

@@ -1,0 +1,192 @@
+"""Verifiers: checks that keep or reject a candidate's instances and judge whether a pair is exhaustive.
+
+One interface, so a stronger model or a person can replace or add a check: a :class:`Verifier` has
+a ``name`` and maps a :class:`~sam3_train.engine.candidates.Candidate` to a :class:`Verdict`.
+:class:`VerifierChain` runs them in order and counts, per verifier, the instances it kept and
+rejected among those still alive when it ran (the manifest's counts).
+
+    chain = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), StabilityVerifier(min_iou=0.8),
+                                     FlipConsistencyVerifier(min_iou=0.7),
+                                     ExhaustivityVerifier(low=0.2, high=0.7)])
+    verified = chain(candidate)     # .keep [n] bool, .exhaustive, .flags, .kept / .rejected per verifier
+
+Order matters: put the score check first. A later mask check that drops an instance the score check
+let through drops something the model believes is there, so the chain marks that pair
+non-exhaustive (its unmatched predictions must not be punished) and flags it for review.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sam3_train.engine.candidates import Candidate, mask_iou
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verifier's opinion of one pair.
+
+    Attributes:
+        keep: [n] bool, the instances this verifier accepts.
+        exhaustive: False when the verifier doubts that every instance was found; None: no opinion.
+        flags: short reasons a person should look at the pair (empty: nothing to review).
+    """
+
+    keep: torch.Tensor
+    exhaustive: bool | None = None
+    flags: tuple[str, ...] = ()
+
+
+class Verifier(ABC):
+    """A check on one pair. ``rejects_absent`` says whether an instance it drops is judged not to be
+    there at all (a low score), as opposed to being there with a bad mask."""
+
+    name: str = "verifier"
+    rejects_absent: bool = False
+
+    @abstractmethod
+    def __call__(self, candidate: Candidate) -> Verdict: ...
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments, for the manifest's thresholds."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class ScoreVerifier(Verifier):
+    """Keeps an instance when its score (class x presence probability) is at least ``min_score``."""
+
+    name = "score"
+    rejects_absent = True
+
+    def __init__(self, *, min_score: float = 0.5):
+        self.min_score = float(min_score)
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        return Verdict(keep=candidate.scores >= self.min_score)
+
+
+class StabilityVerifier(Verifier):
+    """Keeps an instance when its mask barely moves with the logit threshold: IoU between the tight
+    (logit > +offset) and loose (logit > -offset) masks at least ``min_iou``. A mask whose border sits in
+    a wide band of uncertain logits is a guess."""
+
+    name = "stability"
+
+    def __init__(self, *, min_iou: float = 0.8):
+        self.min_iou = float(min_iou)
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        return Verdict(keep=mask_iou(candidate.masks_tight, candidate.masks_loose) >= self.min_iou)
+
+
+class FlipConsistencyVerifier(Verifier):
+    """Keeps an instance when the mask predicted on the flipped image (flipped back) agrees with it:
+    IoU at least ``min_iou``. Rejects everything when the candidate has no flip masks (the check
+    was asked for but not run: a configuration error would otherwise pass silently)."""
+
+    name = "flip"
+
+    def __init__(self, *, min_iou: float = 0.7):
+        self.min_iou = float(min_iou)
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        if candidate.flip_masks is None:
+            raise ValueError(f"FlipConsistencyVerifier: candidate {candidate.key}/{candidate.phrase!r} has no "
+                             "flip_masks; run the propose step with flip TTA or drop this verifier")
+        return Verdict(keep=mask_iou(candidate.masks, candidate.flip_masks) >= self.min_iou)
+
+
+class ExhaustivityVerifier(Verifier):
+    """Marks a pair exhaustive only when no candidate score lies in the uncertain band (low, high):
+    every proposal is then either confidently an instance or confidently not. Keeps every instance."""
+
+    name = "exhaustivity"
+
+    def __init__(self, *, low: float = 0.2, high: float = 0.7):
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"ExhaustivityVerifier needs 0 <= low < high <= 1, got low={low}, high={high}")
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        uncertain = (candidate.scores > self.low) & (candidate.scores < self.high)
+        keep = torch.ones_like(candidate.scores, dtype=torch.bool)
+        if bool(uncertain.any()):
+            return Verdict(keep=keep, exhaustive=False, flags=(f"{int(uncertain.sum())} uncertain scores",))
+        return Verdict(keep=keep, exhaustive=True)
+
+
+@dataclass
+class Verified:
+    """A candidate after the chain.
+
+    Attributes:
+        candidate: the record verified.
+        keep: [n] bool, instances every verifier accepted.
+        rejected_by: per instance, the name of the first verifier that rejected it (None: kept).
+        exhaustive: whether the pair may be written as exhaustive.
+        flags: reasons for review, prefixed with the verifier's name.
+        kept, rejected: per verifier name, instances it kept / rejected among those alive when it ran.
+    """
+
+    candidate: Candidate
+    keep: torch.Tensor
+    rejected_by: list[str | None]
+    exhaustive: bool
+    flags: tuple[str, ...] = ()
+    kept: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def needs_review(self) -> bool:
+        return bool(self.flags)
+
+
+class VerifierChain:
+    """Runs ``verifiers`` in order; an instance survives when every verifier keeps it.
+
+    A pair is exhaustive when no verifier says otherwise and no verifier with ``rejects_absent =
+    False`` dropped an instance (see the module docstring).
+    """
+
+    def __init__(self, *, verifiers: Sequence[Verifier]):
+        names = [v.name for v in verifiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"verifier names must be unique (they key the manifest's counts), got {names}")
+        self.verifiers = list(verifiers)
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.verifiers]
+
+    def thresholds(self) -> dict[str, dict[str, Any]]:
+        """``{verifier name: its constructor arguments}`` for the manifest."""
+        return {v.name: v.params() for v in self.verifiers}
+
+    def __call__(self, candidate: Candidate) -> Verified:
+        alive = torch.ones(candidate.num_instances, dtype=torch.bool)
+        rejected_by: list[str | None] = [None] * candidate.num_instances
+        exhaustive, flags = True, []
+        kept, rejected = {}, {}
+        for verifier in self.verifiers:
+            verdict = verifier(candidate)
+            if tuple(verdict.keep.shape) != (candidate.num_instances,):
+                raise ValueError(f"verifier {verifier.name!r} returned keep of shape {tuple(verdict.keep.shape)} "
+                                 f"for {candidate.num_instances} instances")
+            dropped = alive & ~verdict.keep.bool()
+            for i in dropped.nonzero().flatten().tolist():
+                rejected_by[i] = verifier.name
+            alive = alive & ~dropped
+            kept[verifier.name], rejected[verifier.name] = int(alive.sum()), int(dropped.sum())
+            if verdict.exhaustive is False:
+                exhaustive = False
+            if bool(dropped.any()) and not verifier.rejects_absent:
+                exhaustive = False
+                flags.append(f"{verifier.name}: rejected {int(dropped.sum())}")
+            flags += [f"{verifier.name}: {f}" for f in verdict.flags]
+        return Verified(candidate=candidate, keep=alive, rejected_by=rejected_by, exhaustive=exhaustive,
+                        flags=tuple(flags), kept=kept, rejected=rejected)

@@ -1,0 +1,178 @@
+"""Writing verified candidates as pseudo-labelled shards, one folder per rank, renamed when complete.
+
+Layout of a round directory (each rank writes its own folder; rank 0 writes the manifest last)::
+
+    round_dir/shards-rank000.tmp/     while rank 0 writes: pseudo-000000.tar ..., summary.json
+    round_dir/shards-rank000/         the same folder after one atomic rename (os.replace)
+    round_dir/manifest.json           see manifest.py
+
+A writer that dies leaves only ``*.tmp`` (never a visible, half-written shard); the next run removes
+it and writes again. Shard bytes depend only on the samples written and their order (ShardSink fixes
+member times; json keys are sorted), so a re-run is byte-identical.
+
+    with RoundWriter(round_dir=d, rank=trainer.global_rank) as writer:
+        for key, image, ext, base_meta, pairs in proposals:     # pairs: list[Verified] of one image
+            writer.write(key=key, image=image, image_ext=ext, base_meta=base_meta, pairs=pairs,
+                         negatives=miner(pairs))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from sam3_train.data import rle as rle_ops
+from sam3_train.data.schema import query, validate_meta
+from sam3_train.data.shards import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSink
+from sam3_train.engine.candidates import Candidate
+from sam3_train.engine.manifest import (
+    SUMMARY,
+    TMP_SUFFIX,
+    add_counts,
+    empty_counts,
+    file_sha256,
+    rank_dir_name,
+    write_json_atomic,
+)
+from sam3_train.engine.verifiers import Verified
+
+
+def instance_entry(candidate: Candidate, index: int) -> dict[str, Any] | None:
+    """Schema instance ``{"box", "rle"}`` of one candidate instance (None when its mask is empty).
+
+    The mask at logit 0 as RLE; the model's box clipped to the image (the model may put an edge a
+    little outside, the schema refuses that), xywh pixels rounded to 0.01. Review export uses the
+    same entries, so an unedited review round-trips exactly.
+    """
+    mask = candidate.masks[index].numpy()
+    if not mask.any():
+        return None
+    width, height = candidate.width, candidate.height
+    b = candidate.boxes[index].tolist()
+    x0, y0 = min(max(b[0], 0.0), width), min(max(b[1], 0.0), height)
+    x1, y1 = min(max(b[2], x0), width), min(max(b[3], y0), height)
+    box = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+    return {"box": box, "rle": rle_ops.encode(mask.astype(np.uint8))}
+
+
+def pseudo_sample(
+    base_meta: dict[str, Any], pairs: Iterable[Verified], *, negatives: Iterable[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One image's pseudo-labelled meta (schema.py) and its counts.
+
+    Each pair becomes a query, sorted by phrase: its kept instances (:func:`instance_entry`) with the
+    chain's exhaustivity; a phrase in ``negatives`` becomes a negative query (``exhaustive: true``,
+    no instances). A kept instance with an empty mask is not written, is counted as
+    ``empty_masks`` and makes its pair non-exhaustive (the model saw something there).
+    ``base_meta`` gives image_id, width, height and source; its queries are replaced.
+    """
+    negatives = set(negatives)
+    counts = empty_counts()
+    queries, seen = [], set()
+    width, height = int(base_meta["width"]), int(base_meta["height"])
+    for v in sorted(pairs, key=lambda v: v.candidate.phrase):
+        c = v.candidate
+        if c.phrase in seen:
+            raise ValueError(f"sample {c.key}: phrase {c.phrase!r} verified twice")
+        if (c.height, c.width) != (height, width):
+            raise ValueError(f"sample {c.key}: candidate is {c.width}x{c.height}, the image {width}x{height}")
+        seen.add(c.phrase)
+        add_counts(counts, {"pairs": 1, "kept": v.kept, "rejected": v.rejected})
+        if c.phrase in negatives:
+            if bool(v.keep.any()):
+                raise ValueError(f"sample {c.key}: {c.phrase!r} is a mined negative but has kept instances")
+            queries.append(query(c.phrase, [], exhaustive=True))
+            add_counts(counts, {"negatives_mined": 1, "exhaustive_pairs": 1})
+            continue
+        entries = [instance_entry(c, i) for i in v.keep.nonzero().flatten().tolist()]
+        instances = [e for e in entries if e is not None]
+        empty = len(entries) - len(instances)
+        exhaustive = v.exhaustive and not empty
+        queries.append(query(c.phrase, instances, exhaustive=exhaustive))
+        add_counts(counts, {"instances": len(instances), "exhaustive_pairs": int(exhaustive), "empty_masks": empty})
+    unknown = negatives - seen
+    if unknown:
+        raise ValueError(f"negatives {sorted(unknown)} are not among the verified phrases")
+    meta = {k: base_meta[k] for k in ("image_id", "width", "height") if k in base_meta}
+    meta["queries"] = queries
+    meta["source"] = base_meta.get("source", {})
+    counts["samples"] = 1
+    return validate_meta(meta), counts
+
+
+class RoundWriter:
+    """Writes one rank's pseudo-labelled samples into ``round_dir/shards-rankNNN.tmp`` and renames the
+    folder to ``shards-rankNNN`` on a clean exit (see the module docstring).
+
+    Args:
+        round_dir: the round's directory.
+        rank: this process's global rank.
+        prefix: shard file prefix (no dots or slashes).
+        max_count, max_size: samples / bytes per shard (ShardSink).
+    """
+
+    def __init__(self, *, round_dir: str | os.PathLike, rank: int = 0, prefix: str = "pseudo",
+                 max_count: int = DEFAULT_MAX_COUNT, max_size: int = DEFAULT_MAX_SIZE):
+        self.round_dir = Path(round_dir)
+        self.rank = rank
+        self.final_dir = self.round_dir / rank_dir_name(rank)
+        self.tmp_dir = self.round_dir / (rank_dir_name(rank) + TMP_SUFFIX)
+        if self.tmp_dir.exists():  # left by a run that died: its content is incomplete by definition
+            shutil.rmtree(self.tmp_dir)
+        self._sink = ShardSink(out_dir=self.tmp_dir, prefix=prefix, max_count=max_count, max_size=max_size)
+        self.counts = empty_counts()
+        self._done = False
+
+    def write(self, *, key: str, image: bytes, image_ext: str, base_meta: dict[str, Any],
+              pairs: Iterable[Verified], negatives: Iterable[str] = ()) -> dict[str, Any]:
+        """Write one image with its verified pairs; returns the meta written."""
+        pairs = list(pairs)
+        for v in pairs:
+            if v.candidate.key != key:
+                raise ValueError(f"pair {v.candidate.phrase!r} belongs to {v.candidate.key}, not to {key}")
+        meta, counts = pseudo_sample(base_meta, pairs, negatives=negatives)
+        # Sorted keys: the bytes must not depend on how a dict happened to be built.
+        self._sink.write(key, image, image_ext, json.loads(json.dumps(meta, sort_keys=True)))
+        add_counts(self.counts, counts)
+        return meta
+
+    def commit(self) -> dict[str, Any]:
+        """Close the shards, write the rank summary, rename the folder into place; returns the summary."""
+        if self._done:
+            raise RuntimeError(f"{self.final_dir} was already committed or aborted")
+        self._done = True
+        self._sink.close()
+        shards = sorted(p.name for p in self.tmp_dir.glob("*.tar"))
+        summary = {
+            "rank": self.rank,
+            "counts": self.counts,
+            "shards": [{"path": f"{rank_dir_name(self.rank)}/{name}", "size": (self.tmp_dir / name).stat().st_size,
+                        "sha256": file_sha256(self.tmp_dir / name)} for name in shards],
+        }
+        write_json_atomic(self.tmp_dir / SUMMARY, summary)
+        if self.final_dir.exists():  # a complete folder from an earlier, unfinished run: replaced whole
+            shutil.rmtree(self.final_dir)
+        os.replace(self.tmp_dir, self.final_dir)
+        return summary
+
+    def abort(self) -> None:
+        """Stop without publishing anything (the ``.tmp`` folder stays for the cleanup to remove)."""
+        self._done = True
+        self._sink.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
