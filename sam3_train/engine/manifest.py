@@ -10,7 +10,8 @@
                 "kept": {verifier: n}, "rejected": {verifier: n}},
      "shards": {"0": [{"path": "shards-rank000/pseudo-000000.tar", "size": bytes, "sha256": str}], ...},
      "world_size": int,
-     "metrics": {}}                                    # filled after the round's fit and evaluation
+     "metrics": {},                                    # the round's fit and evaluation (held-out split)
+     "outputs": {...}}                                 # what the round made: its checkpoint, fit sources
 
 After every rank has renamed its folder (a barrier), rank 0 calls :func:`finalize_round`.
 :func:`round_finished` tells a re-run to skip the round; :func:`clean_unfinished` removes what a
@@ -75,16 +76,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def finalize_round(
-    round_dir: str | os.PathLike,
-    *,
-    world_size: int,
-    inputs: dict[str, Any],
-    checkpoint: str | os.PathLike,
-    thresholds: dict[str, Any],
-    metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Rank 0, after the barrier: merge the ranks' summaries and write the manifest; returns it.
+def merge_summaries(round_dir: str | os.PathLike, world_size: int) -> dict[str, Any]:
+    """``{"counts", "shards"}`` summed / collected over the ranks' ``shards-rankNNN/summary.json``.
 
     Raises FileNotFoundError naming the rank whose folder is missing (that rank did not finish).
     """
@@ -98,18 +91,49 @@ def finalize_round(
         summary = json.loads(summary_path.read_text())
         add_counts(counts, summary["counts"])
         shards[str(rank)] = summary["shards"]
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    return {"counts": counts, "shards": shards}
+
+
+def checkpoint_entry(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
+    """``{"path", "sha256"}`` of a checkpoint file (both None for none); a missing file fails."""
+    if checkpoint is None:
+        return {"path": None, "sha256": None}
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def finalize_round(
+    round_dir: str | os.PathLike,
+    *,
+    world_size: int,
+    inputs: dict[str, Any],
+    checkpoint: str | os.PathLike | None,
+    thresholds: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    written: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rank 0, after the barrier: merge the ranks' summaries and write the manifest; returns it.
+
+    ``checkpoint``: the model that proposed (None for a round that proposed nothing, round 0).
+    ``written``: ``{"counts", "shards"}`` to record instead of merging the rank folders' summaries
+    (a round whose shards were rewritten by a review import). Raises FileNotFoundError naming the
+    rank whose folder is missing (that rank did not finish).
+    """
+    round_dir = Path(round_dir)
+    written = written if written is not None else merge_summaries(round_dir, world_size)
     manifest = {
         "format": FORMAT,
         "inputs": inputs,
-        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "checkpoint": checkpoint_entry(checkpoint),
         "thresholds": thresholds,
-        "counts": counts,
-        "shards": shards,
+        "counts": written["counts"],
+        "shards": written["shards"],
         "world_size": world_size,
         "metrics": metrics or {},
+        "outputs": outputs or {},
     }
     write_json_atomic(round_dir / MANIFEST, manifest)
     return manifest

@@ -127,6 +127,7 @@ class RoundWriter:
             shutil.rmtree(self.tmp_dir)
         self._sink = ShardSink(out_dir=self.tmp_dir, prefix=prefix, max_count=max_count, max_size=max_size)
         self.counts = empty_counts()
+        self.summary: dict[str, Any] | None = None  # set by commit()
         self._done = False
 
     def write(self, *, key: str, image: bytes, image_ext: str, base_meta: dict[str, Any],
@@ -159,6 +160,7 @@ class RoundWriter:
         if self.final_dir.exists():  # a complete folder from an earlier, unfinished run: replaced whole
             shutil.rmtree(self.final_dir)
         os.replace(self.tmp_dir, self.final_dir)
+        self.summary = summary
         return summary
 
     def abort(self) -> None:

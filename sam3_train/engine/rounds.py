@@ -1,0 +1,336 @@
+"""The round loop: propose -> verify + write -> fit -> evaluate, round after round, resumable.
+
+    engine = Engine(cfg=cfg, settings=settings, config_path="configs/engine_shapes.yaml")
+    engine.run()                        # every rank runs this (dist.launch first)
+
+``{work_dir}/round-000`` trains on the labelled set alone (or adopts ``settings.checkpoint``);
+round k >= 1 proposes on the pool with round k-1's model. Each stage ends in one file, written
+atomically by rank 0 after a barrier, and a stage runs again only while its file is missing; what a
+killed attempt left of it is removed first, and nothing downstream of it can exist::
+
+    stage     its outputs                           its marker       kill point
+    propose   proposals-rankNNN/ (each rank)        proposals.json   propose-batch, propose
+    write     shards-rankNNN/ (one per proposer)    shards.json      write (per sample), written
+    fit       fit/, fit-config.yaml                 model.ckpt       fit
+    evaluate                                        metrics.json     eval
+    manifest                                        manifest.json    (written last: the round is done)
+
+A stage's output depends only on its inputs (proposals on checkpoint + pool + settings, never on the
+world size of the write), so a round finished after any kill equals an uninterrupted one. Inputs that
+changed under an unfinished round (another checkpoint, pool, phrases, thresholds) fail, naming them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from sam3_train.engine import dist
+from sam3_train.engine.config import device_kwargs, init_args, round_fit_config, write_config
+from sam3_train.engine.labelling import write_rank
+from sam3_train.engine.manifest import (
+    MANIFEST,
+    SUMMARY,
+    add_counts,
+    checkpoint_entry,
+    empty_counts,
+    file_sha256,
+    finalize_round,
+    merge_summaries,
+    read_manifest,
+    round_finished,
+    write_json_atomic,
+)
+from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule, proposals_dir_name
+from sam3_train.engine.settings import DataEngine
+from sam3_train.engine.sources import (
+    labelled_phrases,
+    read_vocabulary,
+    resolve,
+    split_labelled_pool,
+    weighted_shards,
+)
+from sam3_train.engine.training import FIT_CONFIG, MODEL, evaluate, fit_round, log_round
+
+log = logging.getLogger(__name__)
+PROPOSED, WRITTEN, FIT_INFO, METRICS = "proposals.json", "shards.json", "fit-info.json", "metrics.json"
+STAGES = ("propose", "write", "fit", "eval")
+
+
+def round_dir_name(index: int) -> str:
+    return f"round-{index:03d}"
+
+
+def say(message: str) -> None:
+    if dist.is_main():
+        print(f"[data engine] {message}", flush=True)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _remove(round_dir: Path, names: list[str]) -> None:
+    """Rank 0: delete round files by name or prefix (``shards-rank*``) and their ``.tmp`` leftovers."""
+    if not dist.is_main() or not round_dir.is_dir():
+        return
+    for path in sorted(round_dir.iterdir()):
+        base = path.name[: -len(".tmp")] if path.name.endswith(".tmp") else path.name
+        if any(base == n or (n.endswith("*") and base.startswith(n[:-1])) for n in names):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# What each stage's (re)start removes: its own outputs and everything downstream.
+_FIT = ["fit", FIT_CONFIG, FIT_INFO, MODEL, METRICS]
+DOWNSTREAM = {
+    "propose": ["proposals-rank*", PROPOSED, "shards-rank*", "review-*", WRITTEN, *_FIT],
+    "write": ["shards-rank*", "review-*", WRITTEN, *_FIT],
+    "fit": _FIT,
+    "eval": [METRICS],
+}
+
+
+class Engine:
+    """Runs the rounds of one engine config (see the module docstring)."""
+
+    def __init__(self, *, cfg: dict[str, Any], settings: DataEngine, config_path: str, progress: bool = True):
+        self.cfg, self.settings, self.config_path, self.progress = cfg, settings, str(config_path), progress
+        self.work_dir = Path(settings.work_dir)
+        self.labelled: list[str] = []
+        self.pool: list[str] = []
+        self.inputs: dict[str, Any] = {}
+        self.phrases: list[str] | None = None
+
+    def round_dir(self, index: int) -> Path:
+        return self.work_dir / round_dir_name(index)
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self) -> None:
+        """Resolve (or build, for ``labelled_fraction``) the labelled set and pool, and the phrases:
+        rank 0 decides, every rank gets its answer. Bad paths fail here, naming them."""
+        result = None
+        if dist.is_main():
+            result = self._prepare()
+        result = dist.broadcast(result)
+        self.labelled, self.pool, self.inputs, self.phrases = result
+
+    def _prepare(self) -> tuple[list[str], list[str], dict[str, Any], list[str] | None]:
+        s = self.settings
+        labelled_pattern, pool_pattern = s.labelled, s.pool
+        if s.labelled_fraction is not None:
+            from sam3_train.data import Sam3DataModule
+
+            data = Sam3DataModule(**init_args(self.cfg.get("data")))
+            data.prepare_data()  # generates the shapes dataset when configured
+            data.setup("fit")
+            split = split_labelled_pool(urls=data.urls["train"], out_dir=self.work_dir / "split",
+                                        fraction=s.labelled_fraction, seed=s.split_seed, num_shards=s.split_shards)
+            labelled_pattern, pool_pattern = split["patterns"]["labelled"], split["patterns"].get("pool")
+            say(f"split {split['counts']['labelled']} labelled / {split['counts']['pool']} pool images "
+                f"into {self.work_dir / 'split'}")
+        if s.checkpoint is not None and not Path(s.checkpoint).is_file():
+            raise FileNotFoundError(f"DataEngine.checkpoint {s.checkpoint} does not exist")
+        labelled = resolve(labelled_pattern, "DataEngine.labelled") if (labelled_pattern or s.checkpoint is None) else []
+        pool = resolve(pool_pattern, "DataEngine.pool") if s.rounds > 0 else []
+        phrases = None
+        if s.phrases == "vocabulary":
+            phrases = read_vocabulary(s.vocabulary)
+        elif s.phrases == "labelled":
+            phrases = labelled_phrases(labelled)
+        phrase_info = {"source": s.phrases, "vocabulary": s.vocabulary}
+        if phrases is not None:
+            phrase_info.update(count=len(phrases), sha256=hashlib.sha256("\n".join(phrases).encode()).hexdigest())
+        inputs = {"config": self.config_path, "labelled": labelled_pattern, "pool": pool_pattern,
+                  "phrases": phrase_info, "labelled_weight": s.labelled_weight, "pseudo_weight": s.pseudo_weight,
+                  "fit_from": s.fit_from}
+        return labelled, pool, inputs, phrases
+
+    # ------------------------------------------------------------------ loop
+    def run(self, *, stop_after: str | None = None) -> list[dict[str, Any]]:
+        """Every round from 0 to ``settings.rounds``; finished ones are skipped. With ``stop_after``
+        (a stage name) return after that stage of the first unfinished round that has it."""
+        if stop_after is not None and stop_after not in STAGES:
+            raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+        self.prepare()
+        manifests = []
+        for index in range(self.settings.rounds + 1):
+            manifest = self.run_round(index, stop_after=stop_after)
+            if manifest is None:
+                return manifests
+            manifests.append(manifest)
+        return manifests
+
+    def _stage_done(self, round_dir: Path, marker: str, stage: str) -> bool:
+        """Rank 0's answer, shared: is the stage's marker there? If not, clear the stage and downstream."""
+        done = None
+        if dist.is_main():
+            done = (round_dir / marker).is_file()
+            if not done:
+                _remove(round_dir, DOWNSTREAM[stage])
+        done = dist.broadcast(done)
+        dist.barrier()
+        return done
+
+    def run_round(self, index: int, *, stop_after: str | None = None) -> dict[str, Any] | None:
+        """One round; returns its manifest, or None when it stopped at ``stop_after``."""
+        round_dir = self.round_dir(index)
+        finished = dist.broadcast(round_finished(round_dir) if dist.is_main() else None)
+        if finished:
+            say(f"round {index}: finished, skipped ({round_dir / MANIFEST})")
+            return read_manifest(round_dir)
+        if dist.is_main():
+            round_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        previous = None if index == 0 else self.round_dir(index - 1) / MODEL
+        written = {"counts": empty_counts(), "shards": {}, "world_size": 0}
+        if index > 0:
+            propose_inputs = {**self.inputs, "checkpoint": checkpoint_entry(previous),
+                              "pool_shards": self.pool, "propose": self.settings.propose_params()}
+            if not self._stage_done(round_dir, PROPOSED, "propose"):
+                self.propose(round_dir, previous, propose_inputs)
+            self._check_inputs(round_dir / PROPOSED, propose_inputs, "proposals")
+            if stop_after == "propose":
+                return None
+            if not self._stage_done(round_dir, WRITTEN, "write"):
+                self.write(round_dir)
+            self._check_inputs(round_dir / WRITTEN, self.settings.thresholds(), "shards")
+            written = _read(round_dir / WRITTEN)
+            written["counts"]["proposed"] = _read(round_dir / PROPOSED)["counts"]
+            if stop_after == "write":
+                return None
+        sources = {"labelled": (self.labelled, self.settings.labelled_weight if index else 1.0)}
+        if index > 0:
+            pseudo = [str(round_dir / e["path"]) for r in sorted(written["shards"], key=int) for e in written["shards"][r]]
+            sources["pseudo"] = (pseudo, self.settings.pseudo_weight)
+        trainer = None
+        if not self._stage_done(round_dir, MODEL, "fit"):
+            trainer = self.fit(index, round_dir, sources, written["counts"])
+        if stop_after == "fit":
+            return None
+        if not self._stage_done(round_dir, METRICS, "eval"):
+            self.evaluate(index, round_dir, trainer, written["counts"])
+        metrics = _read(round_dir / METRICS)
+        manifest = None
+        if dist.is_main():
+            outputs = {"checkpoint": checkpoint_entry(round_dir / MODEL), "fit": metrics.pop("fit", {})}
+            manifest = finalize_round(
+                round_dir, world_size=written["world_size"], inputs={**self.inputs, "round": index},
+                checkpoint=previous, thresholds=self.settings.thresholds() if index else {},
+                metrics=metrics["test"], outputs=outputs,
+                written={"counts": written["counts"], "shards": written["shards"]})
+            say(f"round {index}: done, " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["test"].items()
+                                                       if k.endswith("cgF1")))
+        dist.barrier()
+        return dist.broadcast(manifest)
+
+    def _check_inputs(self, marker: Path, expected: dict[str, Any], what: str) -> None:
+        recorded = json.loads(json.dumps(_read(marker)["inputs"]))
+        expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
+        if recorded != expected:
+            keys = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
+            raise ValueError(f"{marker.parent}: its {what} were made with other inputs ({', '.join(keys)} differ); "
+                             f"restore them or delete {marker.parent} to redo the round")
+
+    # ------------------------------------------------------------------ stages
+    def propose(self, round_dir: Path, checkpoint: Path, inputs: dict[str, Any]) -> None:
+        s = self.settings
+        say(f"{round_dir.name}: propose with {checkpoint} on {len(self.pool)} pool shards")
+        module = ProposeModule(checkpoint=str(checkpoint), flip_tta=s.flip_tta, min_score=s.min_score,
+                               max_detections=s.max_detections, stability_offset=s.stability_offset,
+                               tokenizer_path=init_args(self.cfg.get("data")).get("tokenizer_path"))
+        data_args = init_args(self.cfg.get("data"))
+        data = ProposeData(pool=self.pool, phrases=self.phrases, image_size=module.image_size,
+                           batch_size=s.batch_size, num_workers=s.num_workers,
+                           square_resize=data_args.get("square_resize", True),
+                           tokenizer_path=data_args.get("tokenizer_path"))
+        trainer = L.Trainer(**device_kwargs(self.cfg), logger=False, callbacks=[ProposalWriter(round_dir=round_dir)],
+                            default_root_dir=str(round_dir), enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=self.progress, use_distributed_sampler=False)
+        trainer.predict(module, datamodule=data, return_predictions=False)  # ends with a barrier
+        if dist.is_main():
+            counts, world = {}, trainer.world_size
+            for rank in range(world):
+                add_counts(counts, _read(round_dir / proposals_dir_name(rank) / SUMMARY)["counts"])
+            write_json_atomic(round_dir / PROPOSED, {"inputs": inputs, "world_size": world, "counts": counts})
+            say(f"{round_dir.name}: proposed {counts['candidates']} candidates for {counts['pairs']} pairs "
+                f"of {counts['images']} images ({counts['skipped']} unreadable skipped)")
+        dist.barrier()
+        dist.fault_point("propose")
+
+    def write(self, round_dir: Path) -> None:
+        proposers = _read(round_dir / PROPOSED)["world_size"]
+        chain, miner = self.settings.chain(), self.settings.negatives
+        for proposer in range(dist.rank(), proposers, dist.world_size()):
+            write_rank(round_dir=round_dir, proposer=proposer, chain=chain, miner=miner,
+                       max_count=self.settings.max_count, progress=self.progress and dist.is_main())
+        dist.barrier()
+        if dist.is_main():
+            merged = merge_summaries(round_dir, proposers)
+            write_json_atomic(round_dir / WRITTEN, {"inputs": self.settings.thresholds(), "world_size": proposers,
+                                                    **merged})
+            c = merged["counts"]
+            say(f"{round_dir.name}: wrote {c['samples']} images, {c['instances']} instances, {c['negatives_mined']} "
+                f"mined negatives, {c['exhaustive_pairs']}/{c['pairs']} exhaustive pairs; rejected {c['rejected']}")
+        dist.barrier()
+        dist.fault_point("written")
+
+    def fit(self, index: int, round_dir: Path, sources: dict[str, tuple[list[str], float]],
+            counts: dict[str, Any]) -> L.Trainer | None:
+        """Fit the round's model (or adopt ``settings.checkpoint`` in round 0); publish ``fit-info.json``
+        then ``model.ckpt``, the stage's marker. Returns the fit's trainer (None when adopted)."""
+        s = self.settings
+        name = f"{init_args(_wandb(self.cfg)).get('name') or 'engine'}-{round_dir.name}"
+        adopt = index == 0 and s.checkpoint is not None
+        shards, mix = (None, {}) if adopt and not self.labelled else weighted_shards(sources)
+        cfg = round_fit_config(self.cfg, round_dir=round_dir, train_shards=shards, name=name,
+                               test_shards=s.eval_shards)
+        if dist.is_main():
+            write_config(cfg, round_dir / FIT_CONFIG)
+        dist.barrier()
+        trainer, tmp = None, round_dir / (MODEL + ".tmp")
+        if adopt:
+            info = {"adopted": checkpoint_entry(s.checkpoint)}
+            if dist.is_main():
+                shutil.copyfile(s.checkpoint, tmp)
+            say(f"{round_dir.name}: adopt {s.checkpoint} as the round's model (no fit)")
+        else:
+            init_from = self.round_dir(index - 1) / MODEL if s.fit_from == "previous" and index > 0 else None
+            say(f"{round_dir.name}: fit on " + ", ".join(f"{k} ({v['samples']} images, share {v['share']:.2f})"
+                                                        for k, v in mix.items()))
+            trainer = fit_round(round_dir=round_dir, init_from=init_from,
+                                round_info={"round": index, "sources": mix, "counts": counts})
+            info = {"sources": mix, "steps": trainer.global_step, "init_from": None if init_from is None
+                    else str(init_from), "config_sha256": file_sha256(round_dir / FIT_CONFIG)}
+        if dist.is_main():
+            write_json_atomic(round_dir / FIT_INFO, info)
+            os.replace(tmp, round_dir / MODEL)
+        dist.barrier()
+        dist.fault_point("fit")
+        return trainer
+
+    def evaluate(self, index: int, round_dir: Path, trainer: L.Trainer | None, counts: dict[str, Any]) -> None:
+        say(f"{round_dir.name}: evaluate on the held-out split")
+        metrics, trainer = evaluate(round_dir=round_dir, checkpoint=round_dir / MODEL, trainer=trainer)
+        log_round(trainer, round_index=index, counts=counts, metrics=metrics)
+        if dist.is_main():
+            write_json_atomic(round_dir / METRICS, {"test": metrics, "fit": _read(round_dir / FIT_INFO) or {}})
+        dist.barrier()
+        dist.fault_point("eval")
+
+
+def _wandb(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    loggers = cfg.get("trainer", {}).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
+            return logger
+    return None

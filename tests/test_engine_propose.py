@@ -1,0 +1,224 @@
+"""Data engine, in process: the propose step's candidates (parity with post-processing, flip TTA
+plumbing, exact records), phrase sources, the labelled / pool split, weighted training mixes, settings."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHAPES_SPLITS
+from PIL import Image
+
+from sam3_train.data.batch import Batch
+from sam3_train.data.pipeline import ShardStream
+from sam3_train.data.shards import ShardSink, expand_urls
+from sam3_train.engine.config import load_config, round_fit_config
+from sam3_train.engine.proposals import (
+    PhraseSelector,
+    batch_candidates,
+    candidate_record,
+    flip_batch,
+    record_candidates,
+)
+from sam3_train.engine.settings import DataEngine
+from sam3_train.engine.sources import (
+    iter_samples,
+    read_vocabulary,
+    split_labelled_pool,
+    weighted_shards,
+)
+from sam3_train.engine.verifiers import FlipConsistencyVerifier, ScoreVerifier
+from sam3_train.model import build_detector
+from sam3_train.model.postprocess import postprocess
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ candidates
+def test_candidates_match_postprocess_detections(shapes_batch):
+    """Scores, order, pixel boxes and the logit-0 masks of every pair equal model.postprocess's."""
+    torch.manual_seed(0)
+    detector = build_detector("tiny", image_size=224).eval()
+    batch = shapes_batch
+    with torch.no_grad():
+        outputs = detector(batch)
+    pairs = batch_candidates(outputs, batch, min_score=0.0, max_detections=5, stability_offset=1.0)
+    reference = postprocess(outputs, batch, original_sizes=batch.original_sizes, score_threshold=0.0, max_detections=5)
+    assert len(pairs) == batch.num_pairs
+    for p, ((c, dropped), ref) in enumerate(zip(pairs, reference)):
+        h, w = batch.original_sizes[int(batch.pair_image[p])].tolist()
+        assert (c.key, c.phrase, c.height, c.width) == (batch.keys[int(batch.pair_image[p])], batch.phrases[p], h, w)
+        assert dropped == detector.num_queries - 5  # every query scores >= 0
+        assert torch.equal(c.scores, ref["scores"]) and c.presence == pytest.approx(float(ref["presence"]))
+        assert torch.allclose(c.boxes, ref["boxes"], atol=1e-4)
+        assert torch.equal(c.masks, ref["masks"])
+        assert bool((c.masks_tight <= c.masks).all() and (c.masks <= c.masks_loose).all())
+        assert c.flip_masks is None
+
+
+def _fake_outputs(batch: Batch, side: int) -> dict:
+    """Outputs whose masks are a function of the pixels (channel 0 at input resolution): a flipped
+    input gives flipped masks, so flip TTA plumbing must map them back exactly."""
+    num_pairs, q = batch.num_pairs, 3
+    pixels = batch.images[batch.pair_image, 0]  # [P, S, S]
+    masks = torch.stack([pixels - t for t in (-0.5, 0.0, 0.5)], 1)  # [P, Q, S, S]
+    return {"pred_logits": torch.zeros(num_pairs, q), "presence_logit": torch.zeros(num_pairs),
+            "pred_boxes": torch.tensor([0.3, 0.4, 0.2, 0.2]).repeat(num_pairs, q, 1), "pred_masks": masks}
+
+
+def test_flip_tta_maps_flip_masks_back_onto_the_image_content():
+    side = 32
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, side, side, generator=gen) * 2 - 1
+    sizes = torch.tensor([[32, 24], [20, 32]])  # content (h, w): padding on the right / at the bottom
+    images[0, :, :, 24:] = 0.0
+    images[1, :, 20:, :] = 0.0
+    batch = Batch(images=images, image_sizes=sizes, pair_image=torch.tensor([0, 1, 1]),
+                  input_ids=torch.zeros(3, 32, dtype=torch.long), attention_mask=torch.ones(3, 32, dtype=torch.long),
+                  exemplar_boxes=torch.tensor([[[0.25, 0.5, 0.1, 0.1]], [[0.0, 0.0, 0.0, 0.0]], [[0.5, 0.25, 0.2, 0.1]]]),
+                  exemplar_labels=torch.tensor([[1], [-1], [0]]), phrases=["left cup", "dog", "right dog"],
+                  keys=["a", "b"], original_sizes=torch.tensor([[64, 48], [40, 64]]))
+    flipped = flip_batch(batch, batch.input_ids, batch.attention_mask)
+    assert torch.equal(flipped.images[0, :, :, :24], images[0, :, :, :24].flip(-1))
+    assert torch.equal(flipped.images[0, :, :, 24:], images[0, :, :, 24:])  # padding stays where it is
+    assert torch.equal(flipped.images[1, :, :20], images[1, :, :20].flip(-1))
+    assert torch.allclose(flipped.exemplar_boxes[:, 0, 0], torch.tensor([24 / 32 - 0.25, 1.0, 1.0 - 0.5]))
+    assert torch.equal(batch.images, images)  # the batch itself is untouched
+    pairs = batch_candidates(_fake_outputs(batch, side), batch, flip_outputs=_fake_outputs(flipped, side),
+                             min_score=0.0, max_detections=3)
+    verify = FlipConsistencyVerifier(min_iou=0.999)
+    for c, _ in pairs:
+        assert c.flip_masks is not None and c.masks.any()
+        assert torch.equal(c.flip_masks, c.masks), c.phrase
+        assert bool(verify(c).keep.all())
+
+
+def test_candidate_records_round_trip_exactly(shapes_batch):
+    torch.manual_seed(0)
+    detector = build_detector("tiny", image_size=224).eval()
+    with torch.no_grad():
+        outputs = detector(shapes_batch)
+    pairs = batch_candidates(outputs, shapes_batch, flip_outputs=outputs, min_score=0.1, max_detections=4)
+    for c, dropped in pairs[:6]:
+        record = {"key": c.key, "height": c.height, "width": c.width,
+                  "pairs": [json.loads(json.dumps(candidate_record(c, dropped)))]}
+        (back, back_dropped), = record_candidates(record)
+        assert back_dropped == dropped and back.phrase == c.phrase and back.presence == c.presence
+        for name in ("scores", "boxes", "masks", "masks_loose", "masks_tight", "flip_masks"):
+            assert torch.equal(getattr(back, name), getattr(c, name)), name
+
+
+def test_phrase_selector_asks_the_source_phrases_without_instances():
+    queries = [{"phrase": "star", "exhaustive": True, "instances": [{"box": [0, 0, 1, 1], "rle": {}}]},
+               {"phrase": "cup", "exhaustive": True, "instances": [], "exemplars": [{"box": [1, 1, 2, 2]}]},
+               {"phrase": "star", "exhaustive": False, "instances": []}]
+    own = PhraseSelector()(queries, random.Random(0))
+    assert own == [{"phrase": "star", "exhaustive": False, "instances": [], "exemplars": []},
+                   {"phrase": "cup", "exhaustive": False, "instances": [], "exemplars": [{"box": [1, 1, 2, 2]}]}]
+    vocabulary = PhraseSelector(["red star", "cup", "red star"])(queries, random.Random(0))
+    assert [q["phrase"] for q in vocabulary] == ["red star", "cup"]
+    assert all(q == {"phrase": q["phrase"], "exhaustive": False, "instances": [], "exemplars": []} for q in vocabulary)
+
+
+# ------------------------------------------------------------------------------------------ sources
+def test_vocabulary_file(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("red star\n\n# a comment\nblue cup  # trailing comment\nred star\n")
+    assert read_vocabulary(path) == ["red star", "blue cup"]
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing.txt")):
+        read_vocabulary(tmp_path / "missing.txt")
+
+
+def test_split_labelled_pool_partitions_every_image_once(shapes_root, tmp_path):
+    urls = sorted(str(p) for p in (Path(shapes_root) / "shards" / "train").glob("*.tar"))
+    source = {key: (data, meta) for key, data, _, meta in iter_samples(urls)}
+    split = split_labelled_pool(urls=urls, out_dir=tmp_path / "split", fraction=0.25, seed=3, num_shards=4)
+    labelled = {k: (d, m) for k, d, _, m in iter_samples(expand_urls(split["patterns"]["labelled"]))}
+    pool = {k: (d, m) for k, d, _, m in iter_samples(expand_urls(split["patterns"]["pool"]))}
+    assert len(labelled) == round(0.25 * SHAPES_SPLITS["train"]) and not set(labelled) & set(pool)
+    assert set(labelled) | set(pool) == set(source)
+    assert split["counts"] == {"labelled": 16, "pool": 48, "skipped": 0}
+    assert len(expand_urls(split["patterns"]["pool"])) == 4 and len(expand_urls(split["patterns"]["labelled"])) == 4
+    for key, (data, meta) in labelled.items():
+        assert (data, meta) == source[key]  # labels kept as they were
+    for key, (data, meta) in pool.items():
+        original = source[key][1]
+        assert data == source[key][0] and meta["width"] == original["width"]
+        assert [q["phrase"] for q in meta["queries"]] == list(dict.fromkeys(q["phrase"] for q in original["queries"]))
+        assert all(q["exhaustive"] is False and q["instances"] == [] for q in meta["queries"])
+    # Idempotent; the same seed elsewhere gives the same bytes; other settings refuse the folder.
+    assert split_labelled_pool(urls=urls, out_dir=tmp_path / "split", fraction=0.25, seed=3, num_shards=4) == split
+    again = split_labelled_pool(urls=urls, out_dir=tmp_path / "again", fraction=0.25, seed=3, num_shards=4)
+    for a, b in zip(expand_urls(split["patterns"]["pool"]), expand_urls(again["patterns"]["pool"])):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        split_labelled_pool(urls=urls, out_dir=tmp_path / "split", fraction=0.5, seed=3, num_shards=4)
+
+
+def _shards(folder: Path, prefix: str, counts: list[int], image: bytes) -> list[str]:
+    urls = []
+    for s, n in enumerate(counts):
+        with ShardSink(out_dir=folder, prefix=f"{prefix}{s}", max_count=1000) as sink:
+            for i in range(n):
+                sink.write(f"{prefix}{s}_{i:04d}", image, "png", {"width": 2, "height": 2, "queries": []})
+        urls.append(f"{folder}/{prefix}{s}-000000.tar")
+    return urls
+
+
+def test_weighted_shards_give_each_source_its_share(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    labelled = _shards(tmp_path, "lab", [3, 3], image)  # 6 samples
+    pseudo = _shards(tmp_path, "pse", [10, 10, 10], image)  # 30 samples
+    joined, info = weighted_shards({"labelled": (labelled, 1.0), "pseudo": (pseudo, 1.0)})
+    assert {k: (v["repeats"], v["samples"], v["share"]) for k, v in info.items()} == {
+        "labelled": (5, 6, 0.5), "pseudo": (1, 30, 0.5)}
+    assert expand_urls(joined) == labelled * 5 + pseudo  # what Sam3DataModule sees: duplicates kept
+    _, info = weighted_shards({"labelled": (labelled, 1.0), "pseudo": (pseudo, 3.0)})
+    assert {k: (v["repeats"], v["share"]) for k, v in info.items()} == {"labelled": (5, 0.25), "pseudo": (3, 0.75)}
+    _, info = weighted_shards({"labelled": (labelled, 1.0), "pseudo": (pseudo, 0.0)})
+    assert list(info) == ["labelled"]
+    with pytest.raises(ValueError, match="'pseudo'"):
+        weighted_shards({"labelled": (labelled, 1.0), "pseudo": (_shards(tmp_path, "empty", [0], image)[:0], 1.0)})
+    # The resampled training stream draws from the list uniformly: half its samples are labelled ones.
+    joined, _ = weighted_shards({"labelled": (labelled, 1.0), "pseudo": (pseudo, 1.0)})
+    stream = ShardStream(urls=expand_urls(joined), batch_size=1, transforms=lambda i, t, r: (i, t),
+                         collate=lambda items: items[0][1]["key"], resampled=True, steps_per_epoch=3000)
+    keys = list(stream)
+    assert len(keys) == 3000 and abs(sum(k.startswith("lab") for k in keys) / 3000 - 0.5) < 0.05
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_engine_config_loads_with_overrides_and_round_configs_write_under_the_round(tmp_path):
+    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml",
+                                ["trainer.max_steps=7", "engine.rounds=3", "engine.work_dir=/tmp/w"])
+    assert cfg["trainer"]["max_steps"] == 7 and (settings.rounds, settings.work_dir) == (3, "/tmp/w")
+    assert settings.labelled_fraction == 0.1 and [v.name for v in settings.verifiers] == [
+        "score", "stability", "flip", "exhaustivity"]
+    assert settings.thresholds()["verifiers"]["score"] == {"min_score": 0.5}
+    fit = round_fit_config(cfg, round_dir=tmp_path / "round-001", train_shards="a.tar::b.tar", name="x-round-001")
+    out = str(tmp_path / "round-001" / "fit")
+    assert fit["trainer"]["default_root_dir"] == out and fit["data"]["train_shards"] == "a.tar::b.tar"
+    assert [lg["init_args"]["save_dir"] for lg in fit["trainer"]["logger"]] == [out, out]
+    assert fit["trainer"]["logger"][0]["init_args"]["name"] == "x-round-001"
+    assert fit["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"{out}/checkpoints"
+    assert cfg["trainer"]["default_root_dir"] == "runs/engine_shapes/full"  # the original is not touched
+    with pytest.raises(Exception, match="roundz"):
+        load_config(REPO / "configs" / "engine_shapes.yaml", ["engine.roundz=1"])
+
+
+def test_settings_refuse_contradictions():
+    with pytest.raises(ValueError, match="fire_low"):
+        DataEngine(min_score=0.2)
+    with pytest.raises(ValueError, match="flip_tta"):
+        DataEngine(flip_tta=False, verifiers=[ScoreVerifier(), FlipConsistencyVerifier()])
+    with pytest.raises(ValueError, match="not both"):
+        DataEngine(labelled_fraction=0.1, pool="x.tar")
+    assert [v.name for v in DataEngine(flip_tta=False).verifiers] == ["score", "stability", "exhaustivity"]
