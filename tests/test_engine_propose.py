@@ -222,3 +222,67 @@ def test_settings_refuse_contradictions():
     with pytest.raises(ValueError, match="not both"):
         DataEngine(labelled_fraction=0.1, pool="x.tar")
     assert [v.name for v in DataEngine(flip_tta=False).verifiers] == ["score", "stability", "exhaustivity"]
+
+
+# ------------------------------------------------------------------------------------------ propose + write
+@pytest.fixture(scope="module")
+def tiny_lightning_checkpoint(tmp_path_factory) -> Path:
+    """A Sam3LitModule checkpoint (random tiny weights at 112 px), as Lightning writes it."""
+    import lightning as L
+
+    from sam3_train.lit import Sam3LitModule
+
+    torch.manual_seed(0)
+    module = Sam3LitModule(preset="tiny", image_size=112)
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+def test_corrupt_pool_images_are_skipped_counted_and_never_written(tmp_path, shapes_root, tiny_lightning_checkpoint):
+    import lightning as L
+
+    from sam3_train.engine.labelling import write_rank
+    from sam3_train.engine.negatives import HardNegativeMiner
+    from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule
+    from sam3_train.engine.verifiers import ExhaustivityVerifier, VerifierChain
+
+    samples = list(iter_samples(sorted(str(p) for p in (Path(shapes_root) / "shards" / "val").glob("*.tar"))))[:5]
+    with ShardSink(out_dir=tmp_path / "pool", prefix="pool", max_count=3) as sink:
+        for i, (key, data, ext, meta) in enumerate(samples):
+            sink.write(key, data[:200] if i == 1 else data, ext, meta)  # image 1: a truncated JPEG
+    module = ProposeModule(checkpoint=str(tiny_lightning_checkpoint), min_score=0.0, max_detections=2)
+    data = ProposeData(pool=sink.pattern, phrases=["circle", "left square"], image_size=module.image_size,
+                       batch_size=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[ProposalWriter(round_dir=tmp_path / "round")])
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    summary = json.loads((tmp_path / "round" / "proposals-rank000" / "summary.json").read_text())
+    assert summary["counts"] == {"images": 4, "pairs": 8, "candidates": 16, "truncated_pairs": 8, "skipped": 1}
+    assert summary["urls"] == expand_urls(sink.pattern)
+    chain = VerifierChain(verifiers=[ScoreVerifier(min_score=0.0), FlipConsistencyVerifier(min_iou=0.0),
+                                     ExhaustivityVerifier(low=0.1, high=0.2)])
+    written = write_rank(round_dir=tmp_path / "round", proposer=0, chain=chain, miner=HardNegativeMiner(),
+                         max_count=10, progress=False)
+    assert written["counts"]["samples"] == 4 and written["counts"]["unproposed"] == 1
+    counts = written["counts"]  # every candidate kept: written, unless its logit-0 mask is empty
+    assert counts["instances"] + counts["empty_masks"] == 16 and counts["truncated_pairs"] == 8
+    keys = [k for k, *_ in iter_samples(sorted(str(p) for p in (tmp_path / "round" / "shards-rank000").glob("*.tar")))]
+    assert keys == [s[0] for i, s in enumerate(samples) if i != 1]
+
+
+def test_bad_paths_fail_before_any_round_naming_them(tmp_path):
+    from sam3_train.engine.rounds import Engine
+
+    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml", [
+        "engine.labelled_fraction=null", f"engine.labelled={tmp_path}/lab-000000.tar",
+        f"engine.pool={tmp_path}/missing/pool-{{000000..000003}}.tar", f"engine.work_dir={tmp_path}/w"])
+    (tmp_path / "lab-000000.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"DataEngine.pool: .*missing"):
+        Engine(cfg=cfg, settings=settings, config_path="x.yaml").prepare()
+    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml", [
+        "engine.labelled_fraction=null", f"engine.labelled={tmp_path}/lab-000000.tar",
+        f"engine.checkpoint={tmp_path}/none.ckpt", f"engine.work_dir={tmp_path}/w"])
+    with pytest.raises(FileNotFoundError, match="none.ckpt"):
+        Engine(cfg=cfg, settings=settings, config_path="x.yaml").prepare()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as torch_dist
 
@@ -67,6 +67,21 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank. An exception raised there is raised on every
+    rank (a bad path must stop all of them, not leave the others waiting at the next collective)."""
+    result: Any = None
+    if is_main():
+        try:
+            result = ("ok", fn())
+        except Exception as exn:  # re-raised below, on every rank
+            result = ("error", exn)
+    status, value = broadcast(result)
+    if status == "error":
+        raise value
+    return value
 
 
 def fault_point(name: str) -> None:

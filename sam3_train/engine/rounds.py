@@ -118,11 +118,7 @@ class Engine:
     def prepare(self) -> None:
         """Resolve (or build, for ``labelled_fraction``) the labelled set and pool, and the phrases:
         rank 0 decides, every rank gets its answer. Bad paths fail here, naming them."""
-        result = None
-        if dist.is_main():
-            result = self._prepare()
-        result = dist.broadcast(result)
-        self.labelled, self.pool, self.inputs, self.phrases = result
+        self.labelled, self.pool, self.inputs, self.phrases = dist.on_main(self._prepare)
 
     def _prepare(self) -> tuple[list[str], list[str], dict[str, Any], list[str] | None]:
         s = self.settings
@@ -172,20 +168,18 @@ class Engine:
 
     def _stage_done(self, round_dir: Path, marker: str, stage: str) -> bool:
         """Rank 0's answer, shared: is the stage's marker there? If not, clear the stage and downstream."""
-        done = None
-        if dist.is_main():
+        def check() -> bool:
             done = (round_dir / marker).is_file()
             if not done:
                 _remove(round_dir, DOWNSTREAM[stage])
-        done = dist.broadcast(done)
-        dist.barrier()
-        return done
+            return done
+
+        return dist.on_main(check)
 
     def run_round(self, index: int, *, stop_after: str | None = None) -> dict[str, Any] | None:
         """One round; returns its manifest, or None when it stopped at ``stop_after``."""
         round_dir = self.round_dir(index)
-        finished = dist.broadcast(round_finished(round_dir) if dist.is_main() else None)
-        if finished:
+        if dist.on_main(lambda: round_finished(round_dir)):
             say(f"round {index}: finished, skipped ({round_dir / MANIFEST})")
             return read_manifest(round_dir)
         if dist.is_main():
@@ -194,7 +188,7 @@ class Engine:
         previous = None if index == 0 else self.round_dir(index - 1) / MODEL
         written = {"counts": empty_counts(), "shards": {}, "world_size": 0}
         if index > 0:
-            propose_inputs = {**self.inputs, "checkpoint": checkpoint_entry(previous),
+            propose_inputs = {**self.inputs, "checkpoint": dist.on_main(lambda: checkpoint_entry(previous)),
                               "pool_shards": self.pool, "propose": self.settings.propose_params()}
             if not self._stage_done(round_dir, PROPOSED, "propose"):
                 self.propose(round_dir, previous, propose_inputs)
@@ -220,8 +214,8 @@ class Engine:
         if not self._stage_done(round_dir, METRICS, "eval"):
             self.evaluate(index, round_dir, trainer, written["counts"])
         metrics = _read(round_dir / METRICS)
-        manifest = None
-        if dist.is_main():
+
+        def finalize() -> dict[str, Any]:
             outputs = {"checkpoint": checkpoint_entry(round_dir / MODEL), "fit": metrics.pop("fit", {})}
             manifest = finalize_round(
                 round_dir, world_size=written["world_size"], inputs={**self.inputs, "round": index},
@@ -230,8 +224,9 @@ class Engine:
                 written={"counts": written["counts"], "shards": written["shards"]})
             say(f"round {index}: done, " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["test"].items()
                                                        if k.endswith("cgF1")))
-        dist.barrier()
-        return dist.broadcast(manifest)
+            return manifest
+
+        return dist.on_main(finalize)
 
     def _check_inputs(self, marker: Path, expected: dict[str, Any], what: str) -> None:
         recorded = json.loads(json.dumps(_read(marker)["inputs"]))
