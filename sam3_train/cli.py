@@ -1,24 +1,102 @@
 """``sam3-train``: the LightningCLI front (fit, validate, test, predict).
 
     sam3-train fit --config configs/shapes_tiny.yaml
+    sam3-train fit --config configs/shapes_tiny.yaml --ckpt_path last      # resume exactly after a kill
     sam3-train validate --config configs/shapes_tiny.yaml --ckpt_path runs/shapes_tiny/checkpoints/last.ckpt
     sam3-train fit --config configs/shapes_tiny.yaml --print_config
 
 Configs are OmegaConf YAML (``${...}`` interpolation within a file). Derived values are linked, not
 repeated: the model's input size follows ``data.image_size``.
+
+Fault tolerance comes with every run (docs/launching.md, "Resuming and preemption"): checkpoints
+are written atomically and loaded without running pickled code (``SafeCheckpointIO``), SIGTERM /
+SIGUSR1 save a checkpoint at the next step boundary (``Preemption``), unless the config names its
+own CheckpointIO plugin or Preemption callback. A ``--ckpt_path`` file is checked before anything
+is built, and an unknown option gets the nearest valid one suggested.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import difflib
+import re
+import sys
+from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from sam3_train.checkpointing import CheckpointError, SafeCheckpointIO, check_checkpoint_file
 from sam3_train.data import Sam3DataModule
 from sam3_train.lit import Sam3LitModule
+from sam3_train.preemption import Preemption
+
+_UNKNOWN = (re.compile(r"does not accept option '([^']+)'"), re.compile(r"unrecognized arguments: --?([^\s=]+)"))
+_SPECIAL_CKPT_PATHS = ("last", "hpc", "best")
+
+
+def _option_names(parser: Any) -> list[str]:
+    names = []
+    for action in getattr(parser, "_actions", []):
+        dest = getattr(action, "dest", "")
+        if dest and dest not in ("help", "config", "print_config"):
+            names.append(dest)
+    return names
+
+
+class Sam3ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; an unknown option's error names the closest valid option."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        for pattern in _UNKNOWN:
+            found = pattern.search(message)
+            if found:
+                parser = getattr(ex, "subcommand_parser", None) or self
+                names = _option_names(parser)
+                if parser._subcommands_action is not None:  # the root parser: every subcommand's options
+                    for sub in parser._subcommands_action._name_parser_map.values():
+                        names += _option_names(sub)
+                close = difflib.get_close_matches(found.group(1), names, n=1, cutoff=0.6)
+                message += (f". Did you mean '{close[0]}'?" if close else ". Remove it;") + " `--help` lists every option."
+                break
+        super().error(message, ex)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class Sam3CLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("parser_class", Sam3ArgumentParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path's hyper-parameters next, with torch's bare errors: check it first.
+        subcommand = self.config.get("subcommand")
+        options = self.config.get(subcommand) if subcommand else None
+        ckpt_path = options.get("ckpt_path") if options is not None else None
+        if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
+            try:
+                check_checkpoint_file(ckpt_path, weights_only=options.get("weights_only"))
+            except (FileNotFoundError, CheckpointError) as exn:
+                sys.exit(f"sam3-train {subcommand}: --ckpt_path: {exn}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.pop("plugins", config.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        callbacks = _as_list(kwargs.pop("callbacks", config.get("callbacks")))
+        if not any(isinstance(c, Preemption) for c in callbacks):
+            callbacks.append(Preemption())
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -6,6 +6,11 @@ Training: detector forward on a pair batch (DAC halves on), ``Sam3Criterion`` te
 ``train/<term>``, their weighted total as ``train/loss``. Validation and test: eval-mode forward,
 post-processing to the input frame, cgF1 (masks and boxes), COCO mAP and presence accuracy logged as
 ``val/<name>`` / ``test/<name>``. Prediction returns post-processed detections per pair.
+
+Non-finite steps: when the loss of any micro-batch or any gradient is NaN or infinite (on any rank),
+the optimiser step is skipped (gradients dropped before it, so neither weights nor AdamW moments
+change; the schedule still advances), counted as ``train/skipped_steps`` and named in a warning with
+the batch sample keys. ``max_consecutive_skipped_steps`` in a row stop training with an error.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import Sam3Detector, build_detector
-from sam3_train.box_ops import cxcywh_to_xyxy
+from sam3_train.model.checkpoint_io import state_mismatch
 from sam3_train.model.postprocess import postprocess
+from sam3_train.model.presets import preset_config
 from sam3_train.optim import Schedule, param_groups, schedule_factor
+from sam3_train.resume import ExactResume
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,8 @@ class Sam3LitModule(L.LightningModule):
         schedule, warmup_steps, cooldown_steps, timescale: learning-rate schedule (see optim.py).
         eval_score_threshold: detections kept for mAP (cgF1 applies its own 0.5).
         max_detections: detections per pair kept for evaluation and prediction.
+        max_consecutive_skipped_steps: optimiser steps in a row skipped for a non-finite loss or
+            gradient after which training stops with an error (None: never stop).
     """
 
     def __init__(
@@ -77,8 +87,11 @@ class Sam3LitModule(L.LightningModule):
         timescale: int | None = None,
         eval_score_threshold: float = 0.05,
         max_detections: int = 100,
+        max_consecutive_skipped_steps: int | None = 10,
     ):
         super().__init__()
+        if max_consecutive_skipped_steps is not None and max_consecutive_skipped_steps < 1:
+            raise ValueError(f"max_consecutive_skipped_steps must be at least 1 or None, got {max_consecutive_skipped_steps}")
         self.save_hyperparameters(ignore=["criterion"])
         if pretrained:
             self.detector: Sam3Detector = Sam3Detector.from_pretrained(
@@ -93,15 +106,28 @@ class Sam3LitModule(L.LightningModule):
             overrides = dict(model_overrides or {})
             if image_size is not None:
                 overrides["image_size"] = image_size
-            self.detector = build_detector(
-                preset, dac=dac, activation_checkpointing=activation_checkpointing, init=init, **overrides
-            )
+            try:
+                self.detector = build_detector(
+                    preset, dac=dac, activation_checkpointing=activation_checkpointing, init=init, **overrides
+                )
+            except ValueError as exn:
+                if image_size is None or "patch_size" not in str(exn):
+                    raise
+                raise ValueError(_bad_image_size(preset, image_size, str(exn))) from None
         for flag, module in ((freeze_vision, self.detector.vision_encoder), (freeze_text, self.detector.text_encoder)):
             if flag:
                 module.requires_grad_(False)
         self.criterion = criterion or Sam3Criterion()
         self.val_metrics = self._metrics()
         self.test_metrics = self._metrics()
+        self.skipped_steps = 0  # optimiser steps skipped for non-finite values, in the whole run
+        self.skipped_in_a_row = 0
+        self._nonfinite_loss = False  # since the last optimiser step (any micro-batch of the window)
+        self._step_keys: list[str] = []
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        present = self._trainer is not None and any(isinstance(c, ExactResume) for c in self.trainer.callbacks)
+        return [] if present else [ExactResume()]
 
     @staticmethod
     def _metrics() -> torch.nn.ModuleDict:
@@ -119,20 +145,63 @@ class Sam3LitModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         outputs = self.detector(batch)
+        size = batch.num_pairs
+        tensors = [t for t in _tensors(outputs) if t.is_floating_point()]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            # The matchers cannot assign targets to NaN predictions. A NaN loss tied to every output still
+            # runs backward (under DDP every rank must reach the gradient all-reduce); the step is skipped.
+            self._nonfinite_loss = True
+            loss = torch.stack([t.sum() for t in tensors if t.requires_grad]).sum() * float("nan")
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+            return loss
         terms = self.criterion(outputs, batch.targets)
         loss = self.criterion.weighted_total(terms, num_pairs=batch.num_pairs)
-        size = batch.num_pairs
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         self.log("train/pairs", float(size), batch_size=size)
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer else None
         if skipped is not None:
             self.log("train/skipped_samples", float(skipped), batch_size=size)
+        if not bool(torch.isfinite(loss.detach())):
+            self._nonfinite_loss = True
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         for i, group in enumerate(self.optimizers().param_groups):
             self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+        self._step_keys.extend(getattr(batch, "keys", None) or [])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step when a loss or a gradient is not finite on any rank (module docstring).
+
+        After DDP's all-reduce the gradients are the same on every rank; the loss flag is not, hence
+        the reduction. Runs before Lightning's gradient clipping, which then finds no gradient.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
+        keys, self._step_keys, self._nonfinite_loss = self._step_keys, [], False
+        if not bad:
+            self.skipped_in_a_row = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves a parameter without a gradient untouched
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        shown = ", ".join(keys[:16]) + (f", ... ({len(keys) - 16} more)" if len(keys) > 16 else "")
+        log.warning("Non-finite loss or gradient at step %d: optimiser step skipped (%d skipped in all, %d in a row); "
+                    "batch sample keys: %s", self.global_step, self.skipped_steps, self.skipped_in_a_row, shown or "?")
+        limit = self.hparams.max_consecutive_skipped_steps
+        if limit is not None and self.skipped_in_a_row >= limit:
+            raise RuntimeError(
+                f"Training stopped: {self.skipped_in_a_row} optimiser steps in a row had a non-finite loss or "
+                f"gradient (model.max_consecutive_skipped_steps={limit}); the last batch's sample keys: "
+                f"{shown or '?'}. Lower model.lr, keep gradient clipping on (trainer.gradient_clip_val), check "
+                "those samples, or resume from an earlier checkpoint."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
         outputs = self.detector(batch)
@@ -170,6 +239,29 @@ class Sam3LitModule(L.LightningModule):
                             max_detections=self.hparams.max_detections)
         return {"batch": batch, "predictions": preds}
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sam3_skipped_steps"] = {"total": self.skipped_steps, "in_a_row": self.skipped_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming the differing settings, a checkpoint whose tensors do not fit this model."""
+        problems = state_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
+        if problems:
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            theirs = checkpoint.get("hyper_parameters") or {}
+            differing = [f"{k}: checkpoint {theirs[k]!r}, this run {self.hparams.get(k)!r}"
+                         for k in ("preset", "image_size", "model_overrides", "pretrained")
+                         if k in theirs and theirs[k] != self.hparams.get(k)]
+            raise KeyError(
+                f"Checkpoint {source} does not fit the model: " + "; ".join(problems) + ". "
+                + (f"It was written with other model settings ({'; '.join(differing)}). " if differing else "")
+                + "Run with the model settings of the run that wrote it (model.preset, data.image_size, "
+                "model.model_overrides), or start a new run from weights with model.pretrained."
+            )
+        skipped = checkpoint.get("sam3_skipped_steps") or {}
+        self.skipped_steps = int(skipped.get("total", 0))
+        self.skipped_in_a_row = int(skipped.get("in_a_row", 0))
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
@@ -181,6 +273,28 @@ class Sam3LitModule(L.LightningModule):
                          cooldown_steps=h.cooldown_steps, timescale=h.timescale)
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _tensors(value: Any):
+    """Every tensor in a nest of dicts, lists and tuples (the detector's outputs)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _bad_image_size(preset: str, image_size: int, reason: str) -> str:
+    backbone = preset_config(preset).vision_config.backbone_config
+    step = backbone.patch_size * backbone.window_size  # one attention window of patches
+    low = max(step, image_size // step * step)
+    sizes = sorted({low, low + step} | ({low - step} if low > step else set()))
+    return (f"data.image_size={image_size} does not fit the {preset!r} preset: {reason} The input side must be a "
+            f"multiple of {step} px ({backbone.window_size} x {backbone.window_size} patches of {backbone.patch_size} "
+            f"px per attention window); {step} is the smallest. Use e.g. {', '.join(map(str, sizes))}.")
 
 
 def eval_targets(batch: Batch) -> list[dict[str, Any]]:

@@ -13,18 +13,24 @@ Configured from YAML through LightningCLI (the constructor is the schema)::
 Ranks come from the attached trainer (``global_rank``, ``world_size``), never from the workers.
 Skipped bad samples are counted across worker processes; the LightningModule logs
 ``trainer.datamodule.skipped_samples`` as ``train/skipped_samples``.
+
+The train dataloader is a :class:`~sam3_train.data.loader.StreamLoader`: checkpoints carry its
+position, so ``fit --ckpt_path last`` continues an interrupted epoch with the very batches the
+interrupted run would have trained on next. No loader draws from the global torch RNG.
 """
 
 from __future__ import annotations
 
 import random
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from sam3_train.data.collate import Collator, Tokenizer
+from sam3_train.data.loader import StreamLoader
 from sam3_train.data.phrases import select_queries
 from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.shapes import DEFAULT_SPLITS, ensure_shapes_shards
@@ -34,21 +40,6 @@ from sam3_train.data.transforms import eval_transforms, train_transforms
 
 def _select(queries: list[dict], rng: random.Random, *, max_queries: int | None, negative_share: float) -> list[dict]:
     return select_queries(queries, max_queries=max_queries, negative_share=negative_share, rng=rng)
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its ShardStream the epoch before each pass (trainer's epoch, else a count)."""
-
-    def __init__(self, *args: Any, epoch_fn: Callable[[], int | None] = lambda: None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._epoch_fn = epoch_fn
-        self._passes = 0
-
-    def __iter__(self):
-        epoch = self._epoch_fn()
-        self.dataset.set_epoch(self._passes if epoch is None else epoch)
-        self._passes += 1
-        return super().__iter__()
 
 
 class Sam3DataModule(L.LightningDataModule):
@@ -145,7 +136,14 @@ class Sam3DataModule(L.LightningDataModule):
             if pattern is None:
                 pattern = shapes.get("val" if split == "predict" else split)
             if pattern is not None:
-                self.urls[split] = expand_urls(pattern)  # fails here, naming the pattern, if it matches nothing
+                try:
+                    self.urls[split] = expand_urls(pattern)
+                except FileNotFoundError as exn:  # a configuration error: stop before training starts
+                    raise FileNotFoundError(
+                        f"data.{split}_shards: {exn}. Set data.{split}_shards to a brace pattern of existing "
+                        f"shard files (dir/{split}-{{000000..000099}}.tar; several joined with '::'), or build "
+                        "them first with tools/make_shards.py."
+                    ) from None
         if self._tokenizer is None:
             self._tokenizer = self._build_tokenizer()
 
@@ -201,20 +199,25 @@ class Sam3DataModule(L.LightningDataModule):
             draft_size=self.image_size,
         )
 
-    def _loader(self, stream: ShardStream, *, epochs: bool = False) -> DataLoader:
-        kwargs: dict[str, Any] = dict(
-            batch_size=None,  # batches are collated inside the workers
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
-        if epochs:
+    def _loader(self, stream: ShardStream, *, resumable: bool = False) -> DataLoader:
+        kwargs: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False)
+        if resumable:
             trainer = lambda: getattr(self, "trainer", None)  # noqa: E731
-            return _EpochLoader(stream, epoch_fn=lambda: trainer().current_epoch if trainer() else None, **kwargs)
-        return DataLoader(stream, **kwargs)
+            return StreamLoader(stream, epoch_fn=lambda: trainer().current_epoch if trainer() else None, **kwargs)
+        # Batches are collated inside the workers; an own generator keeps the global RNG untouched
+        # (a validation in the middle of training must not shift the training's random stream).
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._stream("train", train=True), epochs=True)
+        _, world = self.rank_and_world
+        if world > 1 and not self.resampled:
+            raise ValueError(
+                f"data.resampled is false under DDP ({world} ranks): each rank would read its own shards once "
+                f"({len(self.urls.get('train', []))} shards over {world} ranks) and run a different number of "
+                "steps, and the ranks with more would hang at their next collective. Set data.resampled: true "
+                "(every rank runs exactly data.steps_per_epoch batches per epoch)."
+            )
+        return self._loader(self._stream("train", train=True), resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._stream("val", train=False))

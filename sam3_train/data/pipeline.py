@@ -14,6 +14,16 @@ Without resampling each epoch reads every sample exactly once across ranks and w
 and stops after its share of ``steps_per_epoch`` batches, so every rank runs exactly the same
 number of steps (uneven shards otherwise hang DDP at the next collective).
 
+Randomness and resuming. Every random choice is a pure function of the stream's place: shard draws
+from (seed, epoch, rank, worker), the shuffle buffer from the same, and a sample's phrase sampling
+and augmentations from (seed, epoch, rank, worker, n), n being its index in that worker's shuffled
+stream. :meth:`ShardStream.iter_with_positions` reports after each batch how far its worker got
+(``StreamPosition``); :meth:`ShardStream.resume` makes the next pass of that epoch continue there:
+each worker replays its shard draws and shuffle buffer and skips the samples it had used, reading
+them but not decoding them (the compromise: a resume re-reads up to an epoch of raw bytes, which
+is far cheaper than decoding and augmenting them). DataLoader workers hand out batches in turn, so
+after a resume worker slot i plays the original worker ``(next_worker + i) % num_workers``.
+
 Bad data. Any sample that fails (corrupt image, invalid json, bad RLE, box outside the image,
 missing member, empty or truncated shard) is skipped with a warning naming shard and key, and
 counted in a :class:`SkipCounter` shared with the main process (a ``multiprocessing.Value``: worker
@@ -25,6 +35,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -55,6 +66,25 @@ class SkipCounter:
     @property
     def value(self) -> int:
         return int(self._value.value)
+
+    def restore(self, value: int) -> None:
+        """Set the count (a resumed run continues the interrupted run's count)."""
+        with self._value.get_lock():
+            self._value.value = int(value)
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where one worker's stream stands after a batch it made.
+
+    worker: the original worker index (0 .. num_workers - 1) whose stream this is.
+    consumed: samples taken from its shuffled stream so far, bad ones included.
+    batches: batches it has made so far in this epoch.
+    """
+
+    worker: int
+    consumed: int
+    batches: int
 
 
 def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
@@ -139,6 +169,7 @@ class ShardStream(IterableDataset):
         self.skip_counter = skip_counter or SkipCounter()
         self.draft_size = draft_size
         self._epoch = _SHARED.RawValue("q", 0)  # shared: persistent workers must see set_epoch from the main process
+        self._resume: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -146,6 +177,21 @@ class ShardStream(IterableDataset):
     @property
     def epoch(self) -> int:
         return int(self._epoch.value)
+
+    def resume(self, *, epoch: int, num_workers: int, next_worker: int, positions: list[tuple[int, int]]) -> None:
+        """Make the next pass over ``epoch`` continue where an earlier one stopped.
+
+        ``positions[w]`` is (consumed, batches) of original worker w (see :class:`StreamPosition`);
+        ``next_worker`` the worker whose batch came next. Set before the DataLoader starts its
+        workers (they receive a copy of this object); a pass over another epoch ignores it.
+        """
+        if len(positions) != max(1, num_workers):
+            raise ValueError(f"{len(positions)} worker positions for {num_workers} workers")
+        self._resume = {"epoch": int(epoch), "num_workers": max(1, num_workers), "next_worker": int(next_worker),
+                        "positions": [(int(c), int(b)) for c, b in positions]}
+
+    def clear_resume(self) -> None:
+        self._resume = None
 
     def __len__(self) -> int:
         if self.resampled:
@@ -163,6 +209,12 @@ class ShardStream(IterableDataset):
         """The shards (rank, worker) reads in ``epoch`` without resampling."""
         return split_by_rank(self.shard_order(epoch), self.rank, self.world_size)[worker::num_workers]
 
+    def worker_steps(self, worker: int, num_workers: int) -> int | None:
+        """Batches worker ``worker`` makes per epoch when resampled (its share of steps_per_epoch)."""
+        if not self.resampled:
+            return None
+        return self.steps_per_epoch // num_workers + int(worker < self.steps_per_epoch % num_workers)
+
     def _url_source(self, epoch: int, worker: int, num_workers: int, state: dict[str, Any]) -> Iterator[dict]:
         if not self.resampled:
             for url in self.worker_shards(epoch, worker, num_workers):
@@ -179,31 +231,45 @@ class ShardStream(IterableDataset):
             state["url"] = url
             yield {"url": url}
 
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch
-        rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
-        if info is not None:
-            torch.set_num_threads(1)  # a worker process: intra-op threads would only oversubscribe the cores
-        if self.resampled:
-            steps = self.steps_per_epoch // num_workers + int(worker < self.steps_per_epoch % num_workers)
-        else:
-            steps = None
-        state: dict[str, Any] = {"url": None, "draws_without_sample": 0}
+    def _raw_samples(self, epoch: int, worker: int, num_workers: int, state: dict[str, Any]) -> Iterator[dict]:
+        """The worker's shuffled stream of raw (undecoded) samples: a function of (seed, epoch, rank, worker)."""
 
         def on_shard_error(exn: BaseException) -> bool:
             self.skip_counter.skip(state["url"], None, exn)
             return True  # keep going
 
-        raw = _counting(wds.tarfile_samples(self._url_source(epoch, worker, num_workers, state), handler=on_shard_error), state)
+        urls = self._url_source(epoch, worker, num_workers, state)
+        raw = _counting(wds.tarfile_samples(urls, handler=on_shard_error), state)
         if self.shuffle_buffer > 1:
-            raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
-        pending: list[Any] = []
-        made = failures = 0
-        if steps == 0:
+            raw = _buffer_shuffle(raw, self.shuffle_buffer, random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}-{worker}"))
+        return raw
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, _ in self.iter_with_positions():
+            yield batch
+
+    def iter_with_positions(self) -> Iterator[tuple[Batch, StreamPosition]]:
+        """(batch, where its worker's stream stands after it), in this worker's order."""
+        info = get_worker_info()
+        slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # a worker process: intra-op threads would only oversubscribe the cores
+        epoch = self.epoch
+        resume = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
+        if resume is not None and resume["num_workers"] != num_workers:
+            raise RuntimeError(f"resume state for {resume['num_workers']} workers, but {num_workers} are running")
+        worker = (slot + resume["next_worker"]) % num_workers if resume else slot
+        consumed, made = resume["positions"][worker] if resume else (0, 0)
+        steps = self.worker_steps(worker, num_workers)
+        if steps is not None and made >= steps:
             return
-        for sample in raw:
+        state: dict[str, Any] = {"url": None, "draws_without_sample": 0}
+        pending: list[Any] = []
+        failures = 0
+        for index, sample in enumerate(self._raw_samples(epoch, worker, num_workers, state)):
+            if index < consumed:
+                continue  # used before the interruption: read (to replay the buffer), not decoded
+            rng = random.Random(f"sample-{self.seed}-{epoch}-{self.rank}-{worker}-{index}")
             try:
                 image, target = decode_sample(sample, select=self.select, rng=rng, draft_size=self.draft_size)
                 image, target = self.transforms(image, target, rng)
@@ -216,10 +282,11 @@ class ShardStream(IterableDataset):
             failures = 0
             pending.append((image, target))
             if len(pending) == self.batch_size:
-                yield self.collate(pending)
-                pending = []
                 made += 1
+                yield self.collate(pending), StreamPosition(worker, index + 1, made)
+                pending = []
                 if steps is not None and made >= steps:
                     return
         if pending and not self.drop_last:
-            yield self.collate(pending)
+            made += 1
+            yield self.collate(pending), StreamPosition(worker, index + 1, made)

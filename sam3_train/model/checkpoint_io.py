@@ -74,15 +74,14 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: object) -> None:
-    """``load_state_dict(strict=True)`` with one message naming missing, unexpected and misshapen keys."""
-    expected = model.state_dict()
+def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and misshapen keys of ``state`` against ``expected``, one phrase per kind."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshapen = sorted(
         f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
         for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
+        if tuple(state[k].shape) != tuple(expected[k].shape)
     )
     problems = []
     if missing:
@@ -91,6 +90,12 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *,
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if misshapen:
         problems.append(f"shape mismatches: {_listing(misshapen)}")
+    return problems
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: object) -> None:
+    """``load_state_dict(strict=True)`` with one message naming missing, unexpected and misshapen keys."""
+    problems = state_mismatch(model.state_dict(), state)
     if problems:
         raise KeyError(
             f"Checkpoint {source} does not fit the model: " + "; ".join(problems)
