@@ -27,6 +27,7 @@ from sam3_train.engine.proposals import (
 from sam3_train.engine.settings import DataEngine
 from sam3_train.engine.sources import (
     iter_samples,
+    labelled_phrases,
     read_vocabulary,
     split_labelled_pool,
     weighted_shards,
@@ -147,6 +148,8 @@ def test_split_labelled_pool_partitions_every_image_once(shapes_root, tmp_path):
     assert len(expand_urls(split["patterns"]["pool"])) == 4 and len(expand_urls(split["patterns"]["labelled"])) == 4
     for key, (data, meta) in labelled.items():
         assert (data, meta) == source[key]  # labels kept as they were
+    assert labelled_phrases(expand_urls(split["patterns"]["labelled"])) == sorted(
+        {q["phrase"] for _, meta in labelled.values() for q in meta["queries"]})
     for key, (data, meta) in pool.items():
         original = source[key][1]
         assert data == source[key][0] and meta["width"] == original["width"]

@@ -1,6 +1,14 @@
-"""The data engine's pure parts: candidate records, verifiers, hard-negative mining, shard writing,
-the round manifest and human review (see docs and issue 6). The round loop that runs the detector
-(propose with ``trainer.predict``, then fit) composes these."""
+"""The data engine (docs/data_engine.md, issue 6).
+
+Exported here, the pure parts: candidate records, verifiers, hard-negative mining, shard writing,
+the round manifest and human review. The round loop lives beside them and imports Lightning:
+``proposals`` (the DDP propose step), ``labelling`` (verify + write one proposer's images),
+``sources`` (phrase sources, the labelled / pool split, weighted training mixes), ``training``
+(a round's fit and evaluation through ``Sam3CLI``), ``rounds`` (``Engine``: stages, markers,
+resumption), ``round_review`` (review export / import on a round directory), ``settings`` and
+``config`` (the ``DataEngine`` settings inside a ``sam3-train`` config), ``dist`` (the process group).
+Front: ``tools/data_engine.py``.
+"""
 
 from sam3_train.engine.candidates import Candidate, candidate_from_logits, mask_iou
 from sam3_train.engine.manifest import (

@@ -7,7 +7,7 @@
      "checkpoint": {"path": str, "sha256": str},
      "thresholds": {"verifiers": {name: {arg: value}}, "negatives": {...}},
      "counts": {"samples", "pairs", "exhaustive_pairs", "instances", "negatives_mined", "empty_masks",
-                "kept": {verifier: n}, "rejected": {verifier: n}},
+                "kept": {verifier: n}, "rejected": {verifier: n}, ...},   # the round loop adds more
      "shards": {"0": [{"path": "shards-rank000/pseudo-000000.tar", "size": bytes, "sha256": str}], ...},
      "world_size": int,
      "metrics": {},                                    # the round's fit and evaluation (held-out split)

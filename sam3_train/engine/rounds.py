@@ -188,8 +188,9 @@ class Engine:
         previous = None if index == 0 else self.round_dir(index - 1) / MODEL
         written = {"counts": empty_counts(), "shards": {}, "world_size": 0}
         if index > 0:
-            propose_inputs = {**self.inputs, "checkpoint": dist.on_main(lambda: checkpoint_entry(previous)),
-                              "pool_shards": self.pool, "propose": self.settings.propose_params()}
+            # What the proposals depend on (and nothing else: a new training weight must not void them).
+            propose_inputs = {"checkpoint": dist.on_main(lambda: checkpoint_entry(previous)), "pool": self.pool,
+                              "phrases": self.inputs["phrases"], "propose": self.settings.propose_params()}
             if not self._stage_done(round_dir, PROPOSED, "propose"):
                 self.propose(round_dir, previous, propose_inputs)
             self._check_inputs(round_dir / PROPOSED, propose_inputs, "proposals")
@@ -202,7 +203,7 @@ class Engine:
             written["counts"]["proposed"] = _read(round_dir / PROPOSED)["counts"]
             if stop_after == "write":
                 return None
-        sources = {"labelled": (self.labelled, self.settings.labelled_weight if index else 1.0)}
+        sources = {"labelled": (self.labelled, self.settings.labelled_weight if index else 1.0)} if self.labelled else {}
         if index > 0:
             pseudo = [str(round_dir / e["path"]) for r in sorted(written["shards"], key=int) for e in written["shards"][r]]
             sources["pseudo"] = (pseudo, self.settings.pseudo_weight)
