@@ -218,3 +218,23 @@ def test_two_rank_ddp_proposes_and_writes_every_pool_image_exactly_once(tmp_path
     _, output = run_tool(["run", "--config", str(config), "--quiet", "--stop-after", "write"], tmp_path / "ddp")
     assert "propose with" not in output
     assert {p.relative_to(round_dir): p.read_bytes() for p in round_dir.glob("shards-rank*/*")} == ddp_bytes
+
+
+def test_adopted_checkpoint_and_fits_from_the_previous_round(finished):
+    """Round 0 adopts a checkpoint (no labelled set at all), round 1 fine-tunes it on pseudo-labels
+    alone; proposing with the same weights on the same pool gives the same proposals as run A."""
+    work_a, run_dir = finished["work"], finished["root"] / "adopt"
+    pool = str(work_a / "split" / "pool" / "pool-{000000..000003}.tar")
+    _, output = run_tool(["run", "--config", str(finished["config"]), "--quiet", "engine.labelled_fraction=null",
+                          f"engine.checkpoint={work_a / 'round-000' / 'model.ckpt'}", f"engine.pool={pool}",
+                          "engine.fit_from=previous"], run_dir)
+    work = run_dir / "engine"
+    assert "adopt" in output and "round-000: fit on" not in output
+    assert (work / "round-000" / "model.ckpt").read_bytes() == (work_a / "round-000" / "model.ckpt").read_bytes()
+    zero, one = read_manifest(work / "round-000"), read_manifest(work / "round-001")
+    assert zero["outputs"]["fit"]["adopted"]["path"].endswith("round-000/model.ckpt")
+    assert zero["metrics"] == read_manifest(work_a / "round-000")["metrics"]  # the same model, evaluated again
+    assert one["outputs"]["fit"]["init_from"] == "engine/round-000/model.ckpt"
+    assert list(one["outputs"]["fit"]["sources"]) == ["pseudo"]
+    same = "proposals-rank000/proposals.jsonl"
+    assert (work / "round-001" / same).read_bytes() == (work_a / "round-001" / same).read_bytes()

@@ -134,8 +134,10 @@ class Engine:
             labelled_pattern, pool_pattern = split["patterns"]["labelled"], split["patterns"].get("pool")
             say(f"split {split['counts']['labelled']} labelled / {split['counts']['pool']} pool images "
                 f"into {self.work_dir / 'split'}")
-        if s.checkpoint is not None and not Path(s.checkpoint).is_file():
-            raise FileNotFoundError(f"DataEngine.checkpoint {s.checkpoint} does not exist")
+        if s.checkpoint is not None:
+            from sam3_train.checkpointing import check_checkpoint_file
+
+            check_checkpoint_file(s.checkpoint)  # missing, truncated or foreign: one message naming the file
         labelled = resolve(labelled_pattern, "DataEngine.labelled") if (labelled_pattern or s.checkpoint is None) else []
         pool = resolve(pool_pattern, "DataEngine.pool") if s.rounds > 0 else []
         phrases = None

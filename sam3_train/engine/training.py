@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from sam3_train.engine import dist
 from sam3_train.engine.settings import DataEngine
@@ -41,9 +40,11 @@ def _engine_callback(trainer: L.Trainer) -> DataEngine | None:
 
 
 def load_weights(model: L.LightningModule, checkpoint: str | os.PathLike) -> None:
-    """Weights of a Lightning checkpoint into ``model`` (strict: a different architecture fails)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
+    """Weights of a Lightning checkpoint into ``model`` (strict: a different architecture fails;
+    loaded without running pickled code, errors naming the file: ``checkpointing.load_checkpoint_file``)."""
+    from sam3_train.checkpointing import load_checkpoint_file
+
+    model.load_state_dict(load_checkpoint_file(checkpoint)["state_dict"])
 
 
 def fit_round(*, round_dir: Path, round_info: dict[str, Any], init_from: str | os.PathLike | None = None) -> L.Trainer:
