@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # Types a Lightning checkpoint of ours may carry besides plain data (in hyper-parameters): harmless to build.
 SAFE_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.PurePosixPath, datetime.timedelta]
 LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 _EXPECTED = "a .ckpt file written by `sam3-train fit` (a torch.save zip archive holding state_dict, optimizer_states, loops)"
 
 
@@ -138,10 +139,12 @@ def load_checkpoint_file(
                 "pass --weights_only false."
             ) from None
         raise CheckpointError(f"Checkpoint {path} is not a PyTorch checkpoint ({text.splitlines()[0]}); expected {_EXPECTED}.") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exn:
+    except Exception as exn:  # garbage input raises anything (KeyError, IndexError, OSError, ...)
         first = (str(exn).splitlines() or [type(exn).__name__])[0].split(". ")[0]
-        if "central directory" in first or isinstance(exn, EOFError):
-            reason = "is truncated (it ends before the zip archive's directory: cut short while being written?)"
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == _ZIP_MAGIC
+        if is_zip:  # begins as torch.save's zip archive but cannot be read to its end
+            reason = "is truncated or corrupted (a zip archive that cannot be read to its end: cut short while being written?)"
         else:
             reason = "is not a PyTorch checkpoint"
         raise CheckpointError(

@@ -87,6 +87,19 @@ class Sam3CLI(LightningCLI):
                 check_checkpoint_file(ckpt_path, weights_only=options.get("weights_only"))
             except (FileNotFoundError, CheckpointError) as exn:
                 sys.exit(f"sam3-train {subcommand}: --ckpt_path: {exn}")
+            self._model_before_ckpt = options.get("model").clone()
+
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI has replaced the model's settings by the checkpoint's hyper-parameters: say which.
+        before = getattr(self, "_model_before_ckpt", None)
+        if before is None:
+            return
+        after = self.config[self.config.subcommand].get("model")
+        changed = [f"model.{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(after.keys())
+                   if key in before and before.get(key) != after.get(key) and not key.startswith("_")]
+        if changed:
+            print(f"sam3-train: --ckpt_path: the checkpoint's model settings replace the given ones ({'; '.join(changed)})",
+                  file=sys.stderr, flush=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

@@ -125,6 +125,18 @@ class Sam3LitModule(L.LightningModule):
         self._nonfinite_loss = False  # since the last optimiser step (any micro-batch of the window)
         self._step_keys: list[str] = []
 
+    def setup(self, stage: str) -> None:
+        """Refuse data at another resolution than the model's (e.g. a --ckpt_path whose settings
+        replaced model.image_size while data.image_size stayed)."""
+        data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer else None
+        if isinstance(data_size, int) and data_size != self.detector.image_size:
+            raise ValueError(
+                f"data.image_size is {data_size} px but the model takes {self.detector.image_size} px images "
+                f"(preset {self.hparams.preset!r}{', from the checkpoint' if self.trainer.ckpt_path else ''}): "
+                f"images would be {'larger' if data_size > self.detector.image_size else 'smaller'} than the "
+                f"configured resolution. Set data.image_size: {self.detector.image_size}."
+            )
+
     def configure_callbacks(self) -> list[L.Callback]:
         present = self._trainer is not None and any(isinstance(c, ExactResume) for c in self.trainer.callbacks)
         return [] if present else [ExactResume()]
@@ -247,16 +259,18 @@ class Sam3LitModule(L.LightningModule):
         """Refuse, naming the differing settings, a checkpoint whose tensors do not fit this model."""
         problems = state_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
         if problems:
-            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            path = getattr(self._trainer, "ckpt_path", None)
+            source = f"Checkpoint {path}" if path else "The checkpoint"
             theirs = checkpoint.get("hyper_parameters") or {}
             differing = [f"{k}: checkpoint {theirs[k]!r}, this run {self.hparams.get(k)!r}"
                          for k in ("preset", "image_size", "model_overrides", "pretrained")
                          if k in theirs and theirs[k] != self.hparams.get(k)]
             raise KeyError(
-                f"Checkpoint {source} does not fit the model: " + "; ".join(problems) + ". "
-                + (f"It was written with other model settings ({'; '.join(differing)}). " if differing else "")
-                + "Run with the model settings of the run that wrote it (model.preset, data.image_size, "
-                "model.model_overrides), or start a new run from weights with model.pretrained."
+                f"{source} does not fit the model"
+                + (f": it was written with other model settings ({'; '.join(differing)})" if differing else "")
+                + ". Run with the model settings of the run that wrote it (model.preset, data.image_size, "
+                "model.model_overrides), or start a new run from weights with model.pretrained. Details: "
+                + "; ".join(problems) + "."
             )
         skipped = checkpoint.get("sam3_skipped_steps") or {}
         self.skipped_steps = int(skipped.get("total", 0))

@@ -7,7 +7,9 @@ exit with a clear message when a collective fails because another rank died or h
 On the signal, the handler only notes it. At the end of the current training step (of the current
 gradient-accumulation window) all ranks agree on it (one all-reduce per step), save ``last.ckpt``
 where ``--ckpt_path last`` finds it (atomically, see checkpointing.py), rank 0 runs ``scontrol
-requeue`` when under SLURM, and every rank exits with status 128 + signal number. Lightning's own
+requeue`` when the signal is SLURM's requeue signal (SIGUSR1) under SLURM, and every rank exits with
+status 128 + signal number. SIGTERM under SLURM saves without requeueing: SLURM requeues preempted
+jobs itself, and ``scancel`` must stay a cancel. Lightning's own
 SLURM handler saves from inside the signal handler instead: in the middle of a step, and under DDP
 possibly in the middle of a collective, so its checkpoint cannot resume exactly. This callback
 replaces Lightning's SIGTERM / SIGUSR1 handlers for the duration of training.
@@ -49,8 +51,8 @@ class Preemption(L.Callback):
     Args:
         signals: names of the signals acted on (``SIGTERM``: schedulers, Kubernetes, ``kill``;
             ``SIGUSR1``: SLURM's ``--signal`` warning).
-        requeue: run ``scontrol requeue $SLURM_JOB_ID`` after saving; None: when running under SLURM
-            with Lightning's auto-requeue on (its default).
+        requeue: run ``scontrol requeue $SLURM_JOB_ID`` after saving; None: under SLURM (with
+            Lightning's auto-requeue on, its default) and only for its requeue signal (SIGUSR1).
     """
 
     def __init__(self, *, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool | None = None):
@@ -89,11 +91,13 @@ class Preemption(L.Callback):
         self._restore()
 
     # ---- acting at a step boundary --------------------------------------------------------------
-    def _should_requeue(self, trainer: L.Trainer) -> bool:
+    def _should_requeue(self, trainer: L.Trainer, signum: int) -> bool:
         if self.requeue is not None:
             return self.requeue
-        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
-        return isinstance(environment, SLURMEnvironment) and environment.auto_requeue and _slurm_job_id() is not None
+        environment = getattr(trainer.strategy, "cluster_environment", None) or getattr(
+            trainer._accelerator_connector, "cluster_environment", None)
+        return (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+                and signum == int(environment.requeue_signal or signal.SIGUSR1) and _slurm_job_id() is not None)
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         """``last.ckpt`` of the first ModelCheckpoint (where ``--ckpt_path last`` looks), else
@@ -117,7 +121,7 @@ class Preemption(L.Callback):
         connector = getattr(trainer, "_logger_connector", None)
         if connector is not None:  # what the loop does right after this hook: log this step's metrics
             connector.update_train_step_metrics()
-        requeue = self._should_requeue(trainer)
+        requeue = self._should_requeue(trainer, signum)
         if trainer.is_global_zero:
             print(f"sam3-train: {name} received: saved {path} at step {trainer.global_step}; "
                   + ("requeueing the SLURM job." if requeue else "resume with the same command plus --ckpt_path last."),
