@@ -155,7 +155,7 @@ class Sam3LitModule(L.LightningModule):
         return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(
             batch, device, dataloader_idx)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         outputs = self.detector(batch)
         size = batch.num_pairs
         tensors = [t for t in _tensors(outputs) if t.is_floating_point()]
@@ -163,7 +163,10 @@ class Sam3LitModule(L.LightningModule):
             # The matchers cannot assign targets to NaN predictions. A NaN loss tied to every output still
             # runs backward (under DDP every rank must reach the gradient all-reduce); the step is skipped.
             self._nonfinite_loss = True
-            loss = torch.stack([t.sum() for t in tensors if t.requires_grad]).sum() * float("nan")
+            tied = [t.sum() for t in tensors if t.requires_grad]
+            if not tied:  # nothing to train through
+                return None
+            loss = torch.stack(tied).sum() * float("nan")
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
             return loss
         terms = self.criterion(outputs, batch.targets)

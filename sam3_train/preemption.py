@@ -12,7 +12,7 @@ status 128 + signal number. SIGTERM under SLURM saves without requeueing: SLURM 
 jobs itself, and ``scancel`` must stay a cancel. Lightning's own
 SLURM handler saves from inside the signal handler instead: in the middle of a step, and under DDP
 possibly in the middle of a collective, so its checkpoint cannot resume exactly. This callback
-replaces Lightning's SIGTERM / SIGUSR1 handlers for the duration of training.
+replaces Lightning's SIGTERM / SIGUSR1 handlers for the duration of training (sanity check included).
 
 A signal during validation is acted on at the next training step; the ``--signal`` lead time must
 cover the rest of a validation plus one checkpoint write.
@@ -87,7 +87,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Back to Lightning's handlers, which its own teardown (next) replaces by the ones from before fit.
         self._restore()
 
     # ---- acting at a step boundary --------------------------------------------------------------
@@ -135,6 +136,7 @@ class Preemption(L.Callback):
 
     # ---- a rank that died or hung -----------------------------------------------------------------
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
         if trainer.world_size > 1 and is_peer_failure(exception):
             timeout = getattr(trainer.strategy, "_timeout", None)
             first = (str(exception).strip().splitlines() or [type(exception).__name__])[0]

@@ -235,7 +235,8 @@ class ShardStream(IterableDataset):
         """The worker's shuffled stream of raw (undecoded) samples: a function of (seed, epoch, rank, worker)."""
 
         def on_shard_error(exn: BaseException) -> bool:
-            self.skip_counter.skip(state["url"], None, exn)
+            if not state.get("replaying"):  # a resume replays what the interrupted run counted already
+                self.skip_counter.skip(state["url"], None, exn)
             return True  # keep going
 
         urls = self._url_source(epoch, worker, num_workers, state)
@@ -263,12 +264,13 @@ class ShardStream(IterableDataset):
         steps = self.worker_steps(worker, num_workers)
         if steps is not None and made >= steps:
             return
-        state: dict[str, Any] = {"url": None, "draws_without_sample": 0}
+        state: dict[str, Any] = {"url": None, "draws_without_sample": 0, "replaying": consumed > 0}
         pending: list[Any] = []
         failures = 0
         for index, sample in enumerate(self._raw_samples(epoch, worker, num_workers, state)):
             if index < consumed:
                 continue  # used before the interruption: read (to replay the buffer), not decoded
+            state["replaying"] = False
             rng = random.Random(f"sample-{self.seed}-{epoch}-{self.rank}-{worker}-{index}")
             try:
                 image, target = decode_sample(sample, select=self.select, rng=rng, draft_size=self.draft_size)
