@@ -21,23 +21,37 @@ log = logging.getLogger(__name__)
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predictions-rank{r}.jsonl`` (one line per image: its phrases' detections) under
-    ``output_dir``, each rank its own file, and with ``overlays`` a PNG per (image, phrase).
+    ``output_dir``, each rank its own file; with ``overlays`` a PNG per (image, phrase); with
+    ``coco_results`` also a COCO results file ``predictions.coco.json`` (all ranks merged by rank 0).
 
     A line: ``{"key", "height", "width", "phrases": [{"phrase", "presence", "detections":
     [{"score", "box" [x0, y0, x1, y1] pixels, "rle"}]}]}``.
+
+    A COCO result: ``{"image_id", "category_id", "bbox" [x, y, w, h] pixels, "score", "segmentation"
+    (RLE), "phrase"}``; ``image_id`` is the sample json's (the COCO id for converted COCO data).
+    Category ids come from ``categories`` (a COCO annotations JSON: its category names, underscores
+    read as spaces, as the COCO converter makes phrases) or, without it, number the sorted phrases
+    from 1; ``categories.json`` next to the results lists the ids used.
     """
 
-    def __init__(self, *, output_dir: str = "predictions", overlays: bool = False, max_overlays: int = 200):
+    def __init__(self, *, output_dir: str = "predictions", overlays: bool = False, max_overlays: int = 200,
+                 coco_results: bool = False, categories: str | None = None):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.overlays = overlays
         self.max_overlays = max_overlays
+        self.coco_results = coco_results
+        self.categories = categories
+        if categories is not None and not Path(categories).is_file():
+            raise FileNotFoundError(f"PredictionWriter.categories: {categories} is not a file (a COCO annotations JSON)")
         self._written = 0
+        self._coco: list[dict] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._path = self.output_dir / f"predictions-rank{trainer.global_rank}.jsonl"
         self._file = self._path.open("w")
+        self._coco = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         batch: Batch = prediction["batch"]
@@ -49,13 +63,16 @@ class PredictionWriter(BasePredictionWriter):
             phrases = []
             for p in (batch.pair_image == i).nonzero().flatten().tolist():
                 pred = preds[p]
+                phrase = batch.phrases[p] if batch.phrases else ""
                 detections = [
                     {"score": round(float(s), 5), "box": [round(float(c), 2) for c in b],
                      **({"rle": rle.encode(m.cpu().numpy())} if "masks" in pred else {})}
                     for s, b, m in zip(pred["scores"], pred["boxes"], pred.get("masks", [None] * len(pred["scores"])))
                 ]
-                phrases.append({"phrase": batch.phrases[p] if batch.phrases else "", "presence": float(pred["presence"]),
-                                "detections": detections})
+                phrases.append({"phrase": phrase, "presence": float(pred["presence"]), "detections": detections})
+                if self.coco_results:
+                    image_id = batch.image_ids[i] if batch.image_ids else key
+                    self._coco.extend(_coco_result(image_id, phrase, d) for d in detections)
                 if self.overlays and "masks" in pred and self._written < self.max_overlays:
                     self._write_overlay(batch, i, p, pred, key, (height, width))
             self._file.write(json.dumps({"key": key, "height": height, "width": width, "phrases": phrases}) + "\n")
@@ -74,11 +91,51 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._file.close()
+        if self.coco_results:
+            rank_file = self.output_dir / f"predictions-rank{trainer.global_rank}.coco.json"
+            rank_file.write_text(json.dumps(self._coco))
         trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            log.info("Predictions written to %s", self.output_dir)
-            print(f"predictions: {self.output_dir}/predictions-rank*.jsonl"
-                  + (f", overlays in {self.output_dir}/overlays" if self.overlays else ""))
+        if not trainer.is_global_zero:
+            return
+        if self.coco_results:
+            self._merge_coco(trainer.world_size)
+        log.info("Predictions written to %s", self.output_dir)
+        print(f"predictions: {self.output_dir}/predictions-rank*.jsonl"
+              + (f", COCO results {self.output_dir}/predictions.coco.json" if self.coco_results else "")
+              + (f", overlays in {self.output_dir}/overlays" if self.overlays else ""))
+
+    def _merge_coco(self, world_size: int) -> None:
+        """Rank 0: every rank's results in one file, phrases given category ids."""
+        results = []
+        for rank in range(world_size):
+            part = self.output_dir / f"predictions-rank{rank}.coco.json"
+            results.extend(json.loads(part.read_text()))
+            part.unlink()
+        phrases = sorted({r["phrase"] for r in results})
+        if self.categories is not None:
+            from sam3_train.data.convert_coco import category_phrase
+
+            ids = {category_phrase(c["name"]): int(c["id"]) for c in json.loads(Path(self.categories).read_text())["categories"]}
+            unknown = [p for p in phrases if p not in ids]
+            if unknown:
+                raise ValueError(f"PredictionWriter: phrases {unknown[:5]} are not categories of {self.categories}")
+        else:
+            ids = {p: i + 1 for i, p in enumerate(phrases)}
+        for r in results:
+            r["category_id"] = ids[r["phrase"]]
+        (self.output_dir / "predictions.coco.json").write_text(json.dumps(results))
+        categories = [{"id": ids[p], "name": p} for p in phrases]
+        (self.output_dir / "categories.json").write_text(json.dumps(categories, indent=1))
+
+
+def _coco_result(image_id: str | int, phrase: str, detection: dict) -> dict:
+    """One detection of the JSONL record as a COCO result (xywh box); category id set at the merge."""
+    x0, y0, x1, y1 = detection["box"]
+    result = {"image_id": image_id, "category_id": None, "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
+              "score": detection["score"], "phrase": phrase}
+    if "rle" in detection:
+        result["segmentation"] = detection["rle"]
+    return result
 
 
 class ValidationImages(L.Callback):

@@ -139,16 +139,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _shard_sizes(shapes_root: str, split: str) -> dict[str, tuple[int, int]]:
-    """{sample key: (height, width)} of a split, read from the shards' JSON."""
-    sizes = {}
+def _shard_json(shapes_root: str, split: str) -> dict[str, dict]:
+    """{sample key: its json} of a split, read from the shards."""
+    metas = {}
     for shard in sorted((Path(shapes_root) / "shards" / split).glob("*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
-                    meta = json.load(tar.extractfile(member))
-                    sizes[member.name.split(".")[0]] = (meta["height"], meta["width"])
-    return sizes
+                    metas[member.name.split(".")[0]] = json.load(tar.extractfile(member))
+    return metas
 
 
 def _metrics_rows(log_dir: Path) -> list[dict[str, str]]:
@@ -209,11 +208,12 @@ def test_fit_then_validate_and_predict_from_last_checkpoint(shapes_root, tmp_pat
     assert len(values) == 1 and 0.0 <= values[0] <= 100.0
 
     writer = {"class_path": "sam3_train.callbacks.PredictionWriter",
-              "init_args": {"output_dir": str(tmp_path / "predictions"), "overlays": True}}
+              "init_args": {"output_dir": str(tmp_path / "predictions"), "overlays": True, "coco_results": True}}
     _run(["predict", "--config", str(config), "--ckpt_path", str(last), "--trainer.limit_predict_batches=2",
           f"--trainer.callbacks+={json.dumps(writer)}", *small], tmp_path)
     lines = (tmp_path / "predictions" / "predictions-rank0.jsonl").read_text().splitlines()
-    sizes = _shard_sizes(shapes_root, "val")  # predict reads the val split when no predict shards are set
+    metas = _shard_json(shapes_root, "val")  # predict reads the val split when no predict shards are set
+    sizes = {key: (meta["height"], meta["width"]) for key, meta in metas.items()}
     assert len(lines) == 4  # 2 batches x 2 images
     num_detections = 0
     for line in lines:
@@ -236,6 +236,18 @@ def test_fit_then_validate_and_predict_from_last_checkpoint(shapes_root, tmp_pat
                 assert mask.shape == (record["height"], record["width"]) and mask.dtype == np.uint8
                 num_detections += 1
     assert num_detections > 0
+    # The COCO results file holds the same detections, xywh boxes, ids from the samples' json.
+    coco = json.loads((tmp_path / "predictions" / "predictions.coco.json").read_text())
+    categories = {c["name"]: c["id"] for c in json.loads((tmp_path / "predictions" / "categories.json").read_text())}
+    assert len(coco) == num_detections
+    expected = sorted((json.loads(line)["key"], p["phrase"], d["score"], tuple(d["box"])) for line in lines
+                      for p in json.loads(line)["phrases"] for d in p["detections"])
+    got = sorted((r["image_id"], r["phrase"], r["score"], (r["bbox"][0], r["bbox"][1], round(r["bbox"][0] + r["bbox"][2], 2),
+                  round(r["bbox"][1] + r["bbox"][3], 2))) for r in coco)
+    assert sorted((metas[k]["image_id"], *rest) for k, *rest in expected) == [tuple(g) for g in got]
+    assert all(r["category_id"] == categories[r["phrase"]] for r in coco)
+    assert sorted(categories.values()) == list(range(1, len(categories) + 1))
+    assert not list((tmp_path / "predictions").glob("*rank*.coco.json"))  # merged, rank files removed
     overlays = sorted((tmp_path / "predictions" / "overlays").glob("*.png"))
     assert overlays, "overlays=True wrote no PNG"
     first = json.loads(lines[0])

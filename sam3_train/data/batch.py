@@ -14,6 +14,7 @@ Fields (shapes):
     targets         P dicts       boxes [n, 4] normalised cxcywh, masks [n, H, W] bool, exhaustive bool
     phrases         P strings     the noun phrases, for logs and predictions
     keys            B strings     sample keys, to name bad batches in logs
+    image_ids       B values      each sample's json ``image_id`` (COCO ids for converted COCO data; optional)
     original_sizes  [B, 2]        long, (H, W) of each image as decoded, before any resize (optional)
 """
 
@@ -38,6 +39,7 @@ class Batch:
     targets: list[Target] = field(default_factory=list)
     phrases: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    image_ids: list[str | int] = field(default_factory=list)
     original_sizes: torch.Tensor | None = None
 
     @property

@@ -80,5 +80,6 @@ class Collator:
             targets=targets,
             phrases=phrases,
             keys=[t["key"] for _, t in samples],
+            image_ids=[t.get("image_id", t["key"]) for _, t in samples],
             original_sizes=torch.tensor([t["original_size"] for _, t in samples], dtype=torch.long).reshape(-1, 2),
         )

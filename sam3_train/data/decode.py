@@ -15,6 +15,7 @@ The target (all in pixels of the decoded image, before any transform)::
     original_size   (H, W) of the image at full resolution (the json's, after EXIF orientation),
                     never changed by transforms: the frame predictions are mapped back to
     key             the sample key
+    image_id        the json's ``image_id`` (the key when it has none)
 
 Crowd instances are not targets; a query that has any is marked non-exhaustive so predictions on
 the crowd region are not counted as false positives (a compromise: the Batch has no ignore regions).
@@ -154,5 +155,6 @@ def decode_sample(
     except (ValueError, TypeError, KeyError) as exn:
         raise SampleError(f"sample {key}: bad annotation ({exn})") from None
     target["key"] = key
+    target["image_id"] = meta.get("image_id", key)
     image = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # [3, H, W] uint8 (a channels-last view)
     return image, target
