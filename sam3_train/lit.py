@@ -28,6 +28,7 @@ from sam3_train.data.batch import Batch
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import Sam3Detector, build_detector
+from sam3_train.model.detector import Init
 from sam3_train.model.checkpoint_io import state_mismatch
 from sam3_train.model.postprocess import postprocess
 from sam3_train.model.presets import preset_config
@@ -70,7 +71,7 @@ class Sam3LitModule(L.LightningModule):
         image_size: int | None = None,
         model_overrides: dict[str, Any] | None = None,
         pretrained: str | None = None,
-        init: Literal["transformers", "xavier"] = "xavier",
+        init: Init = "xavier",
         dac: bool = True,
         activation_checkpointing: bool = False,
         freeze_vision: bool = False,

@@ -319,3 +319,29 @@ def test_every_trainable_parameter_gets_a_gradient():
         "mask_decoder.pixel_decoder.conv_layers.2.weight", "mask_decoder.pixel_decoder.conv_layers.2.bias",
         "mask_decoder.pixel_decoder.norms.2.weight", "mask_decoder.pixel_decoder.norms.2.bias",
     ])
+
+
+def test_meta_init_starts_queries_apart_at_their_reference_boxes():
+    """init="meta" (Meta's SAM 3 code): queries and reference boxes standard normal, so the queries
+    start at different boxes over the image; the box head's last layer is zero, so the first layer's
+    boxes are exactly the reference boxes; the ViT and the text encoder keep transformers' init."""
+    torch.manual_seed(0)
+    ours = build_detector("tiny", init="meta", dropout=0.0).train()
+    torch.manual_seed(0)
+    plain = build_detector("tiny", dropout=0.0)
+    decoder = ours.detr_decoder
+    reference = decoder.reference_points.weight.detach().sigmoid()  # [Q, 4] cxcywh
+    assert all(0.8 < float(e.weight.detach().std()) < 1.2 for e in (decoder.query_embed, decoder.reference_points))
+    assert float(reference[:, :2].std(0).min()) > 0.1  # centres spread over the image
+    assert float(plain.detr_decoder.reference_points.weight.sigmoid()[:, :2].std(0).max()) < 0.01  # transformers: all at the centre
+    batch = make_batch(ours, [PHRASES])
+    with torch.no_grad():
+        out = ours(batch)
+    first = out["aux_outputs"][0]["pred_boxes"]  # [P, Q, 4]
+    torch.testing.assert_close(first, reference.expand_as(first), atol=1e-6, rtol=0)
+    # Xavier-uniform in the DETR encoder / decoder: every weight within its bound, and not transformers' N(0, 0.02).
+    weight = ours.detr_encoder.layers[0].mlp.fc1.weight
+    bound = (6 / sum(weight.shape)) ** 0.5
+    assert float(weight.abs().max()) <= bound and float(weight.std()) > 2 * 0.02
+    for name in ("vision_encoder.backbone.layers.0.mlp.fc1.weight", "text_encoder.text_model.encoder.layers.0.mlp.fc1.weight"):
+        torch.testing.assert_close(ours.get_parameter(name), plain.get_parameter(name), atol=0, rtol=0)

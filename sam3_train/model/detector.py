@@ -43,6 +43,11 @@ from sam3_train.model.presets import preset_config
 from sam3_train.model.tokenizer import Sam3Tokenizer
 
 
+Init = Literal["transformers", "xavier", "meta"]
+_DEFAULT_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding, torch.nn.LayerNorm,
+                 torch.nn.GroupNorm)
+
+
 class Sam3Detector(Sam3Model):
     """SAM 3 image detector with training-time outputs.
 
@@ -54,9 +59,11 @@ class Sam3Detector(Sam3Model):
             even when no pair has a box, as Meta's trainer does. Off by default to match
             transformers' inference, which skips it for text-only prompts.
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
-        init: ``transformers`` (normal, std 0.02) or ``xavier`` (Xavier-uniform linear weights, zero
-            biases) for training from scratch: at small widths transformers' init leaves the heads
-            ignoring their input (a presence logit constant across pairs).
+        init: how a model trained from scratch starts: ``transformers`` (normal, std 0.02, for every
+            weight), ``xavier`` (Xavier-uniform linear weights, zero biases) or ``meta`` (what Meta's
+            SAM 3 code does, see :meth:`reset_parameters_as_meta`). At small widths transformers'
+            init leaves the heads ignoring their input (a presence logit constant across pairs) and
+            starts every query at the same box.
     """
 
     def __init__(
@@ -67,13 +74,15 @@ class Sam3Detector(Sam3Model):
         activation_checkpointing: bool = False,
         encode_empty_geometry: bool = False,
         tokenizer: Sam3Tokenizer | None = None,
-        init: Literal["transformers", "xavier"] = "transformers",
+        init: Init = "transformers",
     ):
         super().__init__(config)
         if init == "xavier":
             self.reset_linear_layers()
+        elif init == "meta":
+            self.reset_parameters_as_meta()
         elif init != "transformers":
-            raise ValueError(f"Unknown init {init!r}: 'transformers' or 'xavier'.")
+            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier' or 'meta'.")
         self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
@@ -89,6 +98,36 @@ class Sam3Detector(Sam3Model):
                 torch.nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     module.bias.zero_()
+
+    @torch.no_grad()
+    def reset_parameters_as_meta(self) -> None:
+        """Initialise as Meta's SAM 3 code does when it builds the model (before loading weights).
+
+        - ViT blocks and the CLIP text encoder keep transformers' init (Meta's ViT: truncated normal,
+          std 0.02; CLIP's own scheme);
+        - every other linear, conv and norm layer takes PyTorch's default (``reset_parameters``),
+          which is what Meta's modules get, except that
+        - the DETR encoder and decoder (Meta's ``TransformerWrapper``) take Xavier-uniform for every
+          weight matrix but the box head, query embeddings and reference boxes; query embeddings and
+          reference boxes are standard normal, so the queries start apart, at boxes spread over the
+          image (transformers' std 0.02 puts them all at the centre with the same size); the box
+          head's last layer is zero, so the first layer's boxes are the reference boxes.
+        """
+        keep = [self.vision_encoder.backbone, self.text_encoder]
+        kept = {id(m) for root in keep for m in root.modules()}
+        kept.discard(id(self.vision_encoder.backbone.embeddings.patch_embeddings.projection))  # Meta: PyTorch default
+        for module in self.modules():
+            if id(module) not in kept and isinstance(module, _DEFAULT_INIT):
+                module.reset_parameters()
+        for transformer in (self.detr_encoder, self.detr_decoder):
+            for name, param in transformer.named_parameters():
+                if param.dim() > 1 and not name.startswith(("box_head.", "query_embed.", "reference_points.")):
+                    torch.nn.init.xavier_uniform_(param)
+        decoder = self.detr_decoder
+        torch.nn.init.normal_(decoder.query_embed.weight)
+        torch.nn.init.normal_(decoder.reference_points.weight)
+        torch.nn.init.zeros_(decoder.box_head.layer3.weight)
+        torch.nn.init.zeros_(decoder.box_head.layer3.bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
@@ -272,7 +311,7 @@ class Sam3Detector(Sam3Model):
 
 
 def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpointing: bool = False,
-                   encode_empty_geometry: bool = False, init: Literal["transformers", "xavier"] = "transformers",
+                   encode_empty_geometry: bool = False, init: Init = "transformers",
                    **overrides: Any) -> Sam3Detector:
     """A randomly initialised detector of a preset size (``tiny``, ``small``, ``sam3``).
 
