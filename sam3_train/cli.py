@@ -23,7 +23,8 @@ import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from sam3_train.checkpointing import CheckpointError, SafeCheckpointIO, check_checkpoint_file
@@ -60,6 +61,16 @@ class Sam3ArgumentParser(LightningArgumentParser):
                 message += (f". Did you mean '{close[0]}'?" if close else ". Remove it;") + " `--help` lists every option."
                 break
         super().error(message, ex)
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the log folder, and the same resolved config handed to every
+    logger as hyper-parameters (the run config in W&B, ``hparams.yaml`` for CSV and TensorBoard)."""
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -117,6 +128,7 @@ def main(args: list[str] | None = None) -> None:
         Sam3LitModule,
         Sam3DataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

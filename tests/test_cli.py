@@ -53,19 +53,21 @@ class StepRecorder(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _env(pythonpath: Path | None = None) -> dict[str, str]:
+def _env(pythonpath: Path | None = None, wandb_mode: str = "disabled") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    # W&B off in the child (the configs' offline loggers are switched to online-but-disabled below);
-    # one thread per process: the CI box has 2 cores and DDP runs 2 processes.
-    env.update(WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1", COLUMNS="200")
+    # W&B off in the child unless a test asks for its offline files (the configs' offline loggers are
+    # switched to online-but-disabled below); one thread per process: the CI box has 2 cores and DDP
+    # runs 2 processes.
+    env.update(WANDB_MODE=wandb_mode, WANDB_SILENT="true", OMP_NUM_THREADS="1", COLUMNS="200")
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     return env
 
 
-def _run(args: list[str], cwd: Path, *, pythonpath: Path | None = None, timeout: int = 600) -> str:
-    proc = subprocess.run([str(SAM3_TRAIN), *args], cwd=cwd, env=_env(pythonpath), capture_output=True, check=False,
-                          text=True, timeout=timeout)
+def _run(args: list[str], cwd: Path, *, pythonpath: Path | None = None, timeout: int = 600,
+         wandb_mode: str = "disabled") -> str:
+    proc = subprocess.run([str(SAM3_TRAIN), *args], cwd=cwd, env=_env(pythonpath, wandb_mode), capture_output=True,
+                          check=False, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"sam3-train {' '.join(args[:3])} failed (rc {proc.returncode}):\n{output[-6000:]}"
     assert not (cwd / "runs").exists(), "a run wrote outside the paths the test set"
@@ -253,6 +255,32 @@ def test_fit_then_validate_and_predict_from_last_checkpoint(shapes_root, tmp_pat
     first = json.loads(lines[0])
     with Image.open(overlays[0]) as picture:
         assert picture.size == (first["width"], first["height"])  # overlays are drawn at the original size
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_config_metrics_and_mask_panels(shapes_root, tmp_path):
+    """The shipped config's W&B logger, offline: the run files hold the resolved config, the metrics
+    and the validation mask panels (ground truth and prediction as label maps)."""
+    config = _config_into(REPO / "configs" / "shapes_tiny.yaml", tmp_path)
+    _run(["fit", "--config", str(config), "--trainer.max_steps=2", "--data.steps_per_epoch=2",
+          "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+          *_small(shapes_root)], tmp_path, wandb_mode="offline")
+    # Every logger got the resolved config: CSV as hparams.yaml, W&B in its run log.
+    resolved = yaml.safe_load((tmp_path / "logs" / "csv" / "version_0" / "hparams.yaml").read_text())["config"]
+    assert resolved["data"]["image_size"] == IMAGE_SIZE and resolved["trainer"]["max_steps"] == 2
+    assert resolved["model"]["criterion"]["class_path"] == "sam3_train.losses.Sam3Criterion"
+    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*")
+    (log,) = run.glob("run-*.wandb")  # W&B's binary record log: config, history and summary
+    records = log.read_bytes()
+    for needle in (b"steps_per_epoch", b"num_points", b"val/cgF1", b"val/IL_MCC", b"train/loss_align", b"lr/"):
+        assert needle in records, f"{needle!r} not in the W&B run"
+    # The mask panel: images with label maps (ground truth, prediction); W&B stores equal files once.
+    media = run / "files" / "media" / "images"
+    pictures, label_maps = list((media / "val").glob("examples_*.png")), list((media / "mask" / "val").glob("*.mask.png"))
+    assert pictures and label_maps
+    assert b"ground_truth" in records and b"prediction" in records
+    with Image.open(label_maps[0]) as label_map:
+        assert label_map.mode in ("L", "P", "I") and label_map.size == Image.open(pictures[0]).size
 
 
 # ---------------------------------------------------------------------------------------- DDP
