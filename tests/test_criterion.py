@@ -75,6 +75,10 @@ def test_align_soft_target_floor():
     terms = Sam3Criterion(pad_num_queries=None)(outputs, [_target([0.8, 0.8, 0.1, 0.1])])
     expected = 10 * (0.01 * -math.log(0.75) + 0.99 * -math.log(0.25))
     assert math.isclose(_get(terms, "loss_align"), expected, rel_tol=1e-5)
+    # A raised floor: t = max(0, 0.6) = 0.6 -> 10 x (0.6 x -ln 0.75 + 0.4 x -ln 0.25) = 7.27123
+    terms = Sam3Criterion(pad_num_queries=None, align_min_target=0.6)(outputs, [_target([0.8, 0.8, 0.1, 0.1])])
+    expected = 10 * (0.6 * -math.log(0.75) + 0.4 * -math.log(0.25))
+    assert math.isclose(_get(terms, "loss_align"), expected, rel_tol=1e-5)
 
 
 def test_presence_by_hand():

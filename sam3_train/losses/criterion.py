@@ -78,6 +78,7 @@ class Sam3Criterion(nn.Module):
         align_pos_weight: float = 10.0,
         align_alpha: float = 0.25,  # t = p^alpha x IoU^(1 - alpha)
         align_gamma: float = 2.0,  # unmatched cells weighted by p^gamma
+        align_min_target: float = 0.01,  # floor of a matched cell's soft target (SAM 3's clamp)
         pad_num_queries: int | None = 200,  # mean over 200 queries even when a test model has fewer
         presence_alpha: float = 0.5,
         mask_focal_alpha: float = 0.25,
@@ -107,7 +108,8 @@ class Sam3Criterion(nn.Module):
         self.o2m_matcher_on_aux = o2m_matcher_on_aux
         self.scale_by_sqrt_pairs = scale_by_sqrt_pairs
         self.align_kwargs = dict(
-            pos_weight=align_pos_weight, alpha=align_alpha, gamma=align_gamma, pad_num_queries=pad_num_queries
+            pos_weight=align_pos_weight, alpha=align_alpha, gamma=align_gamma, pad_num_queries=pad_num_queries,
+            min_target=align_min_target,
         )
         self.presence_alpha = presence_alpha
         self.mask_kwargs = dict(

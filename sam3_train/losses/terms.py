@@ -54,10 +54,12 @@ def align_loss(
     alpha: float,
     gamma: float,
     pad_num_queries: int | None,
+    min_target: float = 0.01,
 ) -> torch.Tensor:
     """Align-DETR's IoU-aware BCE, as SAM 3 trains its class logits.
 
-    Matched cells: pos_weight x BCE(logit, t), t = max(p^alpha x IoU^(1-alpha), 0.01), t detached.
+    Matched cells: pos_weight x BCE(logit, t), t = max(p^alpha x IoU^(1-alpha), min_target), t detached
+    (SAM 3: min_target 0.01).
     Unmatched cells: p^gamma x BCE(logit, 0) (not punished for non-exhaustive pairs: weak loss).
     Pairs without instances contribute zero (the presence loss supervises them).
 
@@ -78,7 +80,7 @@ def align_loss(
             iou, _ = elementwise_iou_and_giou(
                 cxcywh_to_xyxy(pred_boxes[indices.pair, indices.query].float()), packed.boxes_xyxy[indices.target]
             )
-            t = (prob[indices.pair, indices.query].float() ** alpha * iou ** (1 - alpha)).clamp(min=0.01)
+            t = (prob[indices.pair, indices.query].float() ** alpha * iou ** (1 - alpha)).clamp(min=min_target)
             # A one-to-many query may match several targets: it learns its best one.
             flat = indices.pair * num_queries + indices.query
             soft = soft.flatten().scatter_reduce(0, flat, t.to(soft.dtype), "amax", include_self=False)
