@@ -177,6 +177,16 @@ def test_config_parses_and_prints_its_values(config, capsys, monkeypatch):
     assert printed["model"]["preset"] in ("tiny", "small", "sam3")
 
 
+def test_engine_config_trains_the_shapes_tiny_model():
+    """The data engine's demonstration trains exactly the embedded default's model on its data, with
+    its budget (YAML has no include: the two files must not drift apart)."""
+    tiny, engine = (yaml.safe_load((REPO / "configs" / name).read_text()) for name in ("shapes_tiny.yaml", "engine_shapes.yaml"))
+    assert engine["model"] == tiny["model"]
+    assert engine["data"] == tiny["data"]
+    for key in ("max_steps", "gradient_clip_val", "precision", "val_check_interval"):
+        assert engine["trainer"][key] == tiny["trainer"][key], key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_fast_dev_run(config, shapes_root, tiny_checkpoint, tmp_path):
