@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "data_engine.py"
 DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 VOCABULARY = "# test vocabulary\ncircle\nred circle\nsquare\nblue star\n"
-# Thresholds for a model trained two steps: some instances kept, some rejected by each mask check.
+# Thresholds for a model trained two steps (xavier init, stability offset 0.05): some instances kept,
+# some rejected by the score and each mask check.
 VERIFIERS = [
-    {"class_path": "sam3_train.engine.verifiers.ScoreVerifier", "init_args": {"min_score": 0.12}},
+    {"class_path": "sam3_train.engine.verifiers.ScoreVerifier", "init_args": {"min_score": 0.25}},
     {"class_path": "sam3_train.engine.verifiers.StabilityVerifier", "init_args": {"min_iou": 0.2}},
     {"class_path": "sam3_train.engine.verifiers.FlipConsistencyVerifier", "init_args": {"min_iou": 0.2}},
     {"class_path": "sam3_train.engine.verifiers.ExhaustivityVerifier", "init_args": {"low": 0.1, "high": 0.2}},
@@ -40,6 +41,9 @@ VERIFIERS = [
 def engine_config(folder: Path, shapes_root: str) -> Path:
     """configs/engine_shapes.yaml shrunk to a CPU smoke run on the session's shapes data."""
     cfg = yaml.safe_load((REPO / "configs" / "engine_shapes.yaml").read_text())
+    # The thresholds below are set for a model trained two steps from the default (xavier) init; under
+    # Meta's init the top-scored queries of such a model still have empty masks, leaving nothing to check.
+    cfg["model"]["init"] = "xavier"
     trainer = cfg["trainer"]
     trainer.update(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
                    default_root_dir=str(folder / "unused"))
@@ -49,7 +53,7 @@ def engine_config(folder: Path, shapes_root: str) -> Path:
     engine = next(c for c in trainer["callbacks"] if c["class_path"].endswith("DataEngine"))["init_args"]
     (folder / "vocabulary.txt").write_text(VOCABULARY)
     engine.update(work_dir="engine", rounds=1, labelled_fraction=0.5, split_shards=4, phrases="vocabulary",
-                  vocabulary=str(folder / "vocabulary.txt"), max_detections=5, stability_offset=0.25,
+                  vocabulary=str(folder / "vocabulary.txt"), max_detections=5, stability_offset=0.05,
                   batch_size=4, num_workers=0, verifiers=VERIFIERS)
     engine["negatives"]["init_args"].update(fire_high=0.15, max_presence=0.6)
     cfg["data"].update(shapes_root=shapes_root, shapes_splits=SHAPES_SPLITS, image_size=112, num_workers=0,
@@ -110,9 +114,9 @@ def test_uninterrupted_run_writes_both_rounds(finished):
     assert sorted(written) == sorted(pool) and len(written) == len(set(written)) == SHAPES_SPLITS["train"] // 2
     counts = one["counts"]
     assert counts["samples"] == 32 and counts["pairs"] == 32 * 4 and counts["proposed"]["images"] == 32
-    assert counts["instances"] > 0 and counts["rejected"]["stability"] > 0  # the check does something here
+    assert counts["instances"] > 0 and counts["rejected"]["score"] > 0 and counts["rejected"]["stability"] > 0
     assert counts["instances"] + sum(counts["rejected"].values()) == counts["proposed"]["candidates"]
-    assert one["thresholds"]["verifiers"]["score"] == {"min_score": 0.12}
+    assert one["thresholds"]["verifiers"]["score"] == {"min_score": 0.25}
     assert set(one["outputs"]["fit"]["sources"]) == {"labelled", "pseudo"} and one["outputs"]["fit"]["steps"] == 2
     assert 0.0 <= one["metrics"]["test/cgF1"] <= 100.0 and one["metrics"]["test/num_pairs"] > 0
 
