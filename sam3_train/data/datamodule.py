@@ -145,14 +145,9 @@ class Sam3DataModule(L.LightningDataModule):
                         "them first with tools/make_shards.py."
                     ) from None
         if self._tokenizer is None:
-            self._tokenizer = self._build_tokenizer()
+            from sam3_train.model.tokenizer import Sam3Tokenizer
 
-    def _build_tokenizer(self) -> Tokenizer:
-        from sam3_train.model.tokenizer import Sam3Tokenizer
-
-        if self.tokenizer_path is None:
-            return Sam3Tokenizer.from_open_clip()
-        return Sam3Tokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(self.tokenizer_path)
 
     @property
     def rank_and_world(self) -> tuple[int, int]:

@@ -50,6 +50,7 @@ from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_
 from sam3_train.engine.dist import fault_point
 from sam3_train.engine.manifest import SUMMARY, TMP_SUFFIX, file_sha256, write_json_atomic
 from sam3_train.model.postprocess import detection_scores
+from sam3_train.model.tokenizer import Sam3Tokenizer
 
 log = logging.getLogger(__name__)
 PROPOSALS = "proposals.jsonl"
@@ -57,13 +58,6 @@ PROPOSALS = "proposals.jsonl"
 
 def proposals_dir_name(rank: int) -> str:
     return f"proposals-rank{rank:03d}"
-
-
-def build_tokenizer(tokenizer_path: str | None):
-    """The tokenizer Sam3DataModule uses: SAM 3's files from a checkpoint folder, else CLIP's BPE."""
-    from sam3_train.model.tokenizer import Sam3Tokenizer
-
-    return Sam3Tokenizer.from_open_clip() if tokenizer_path is None else Sam3Tokenizer.from_pretrained(tokenizer_path)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -112,7 +106,7 @@ class ProposeData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.urls = expand_urls(self.pool)  # a pattern that matches nothing fails here, naming it
         if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.tokenizer_path)
+            self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(self.tokenizer_path)
         rank, world = self.rank_and_world
         if len(self.urls) < world * max(1, self.num_workers):
             log.warning("pool has %d shards for %d ranks x %d workers: some read nothing",
@@ -244,7 +238,7 @@ class ProposeModule(L.LightningModule):
         self.detector = Sam3LitModule.load_from_checkpoint(checkpoint, map_location="cpu").detector
         self.flip_tta, self.min_score, self.max_detections = flip_tta, min_score, max_detections
         self.stability_offset = stability_offset
-        self._tokenizer = build_tokenizer(tokenizer_path) if flip_tta else None
+        self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(tokenizer_path) if flip_tta else None
 
     @property
     def image_size(self) -> int:

@@ -95,6 +95,11 @@ class Sam3Tokenizer:
         return cls(backend, context_length=context_length)
 
     @classmethod
+    def from_path_or_open_clip(cls, path: str | Path | None) -> Sam3Tokenizer:
+        """SAM 3's tokenizer files from ``path`` (a missing file is an error), CLIP's shipped BPE when None."""
+        return cls.from_open_clip() if path is None else cls.from_pretrained(path)
+
+    @classmethod
     def from_dir_or_open_clip(cls, directory: str | Path | None) -> Sam3Tokenizer:
         """The checkpoint's own tokenizer when the directory has one, CLIP's shipped vocabulary otherwise."""
         if directory is not None and any((Path(directory) / n).is_file() for n in _TOKENIZER_FILES):
