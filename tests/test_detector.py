@@ -168,20 +168,17 @@ def test_pairs_batched_equal_pairs_alone(detector):
 
 def test_text_encoder_runs_once_per_distinct_phrase(detector):
     batch = make_batch(detector, [["star", "circle", "star"], ["circle", "star"]])
-    seen = []
-    handle = detector.text_encoder.register_forward_hook(lambda m, a, kw: None)
-    handle.remove()
-    handle = detector.text_encoder.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    vision = []
-    handle2 = detector.vision_encoder.register_forward_pre_hook(lambda m, args: vision.append(args[0].shape[0]))
+    texts, images = [], []  # batch sizes each encoder was called with
+    hooks = [detector.text_encoder.register_forward_pre_hook(
+                 lambda m, args, kwargs: texts.append(kwargs["input_ids"].shape[0]), with_kwargs=True),
+             detector.vision_encoder.register_forward_pre_hook(lambda m, args: images.append(args[0].shape[0]))]
     try:
         with torch.no_grad():
             detector(batch)
     finally:
-        handle.remove()
-        handle2.remove()
-    assert seen == [2] and vision == [2]
+        for hook in hooks:
+            hook.remove()
+    assert texts == [2] and images == [2]  # 5 pairs, 2 distinct phrases, 2 images: one call each
 
 
 def test_sam3_preset_matches_released_architecture():
