@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 TOOL = REPO / "tools" / "data_engine.py"
 METRICS = ("test/cgF1", "test/box_cgF1", "test/IL_MCC", "test/pmF1")
 # A CPU smoke scale: 40 / 8 / 8 images at 112 px, three steps per model.
@@ -62,6 +63,16 @@ def verifier_report(counts: dict) -> dict:
             "truncated_pairs": counts.get("truncated_pairs", 0), "unproposed": counts.get("unproposed", 0)}
 
 
+def label_quality(engine_dir: Path, round_dir: Path, round_manifest: dict) -> dict:
+    """The round's pseudo-labels scored against the pool's withheld labels (the split's source shards)."""
+    from sam3_train.engine import shard_paths
+    from sam3_train.engine.audit import pseudo_label_quality
+
+    split = json.loads((engine_dir / "split" / "split.json").read_text())
+    labelled = [u if Path(u).is_absolute() else str(REPO / u) for u in split["params"]["urls"]]
+    return pseudo_label_quality(shard_paths(round_dir, round_manifest), labelled)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/engine_shapes.yaml")
@@ -94,6 +105,8 @@ def main() -> None:
         "metrics": {name: {k: m.get(k) for k in METRICS} for name, m in rows},
         "gap_recovered": recovered,
         "verifiers": {f"round {i}": verifier_report(m["counts"]) for i, m in enumerate(manifests) if i > 0},
+        "pseudo_label_quality": {f"round {i}": label_quality(work / "engine", rounds[i], m)
+                                 for i, m in enumerate(manifests) if i > 0},
         "thresholds": manifests[-1]["thresholds"], "wall_seconds": round(seconds, 1),
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
     }
@@ -109,6 +122,11 @@ def main() -> None:
               + ", ".join(f"{k} {v}" for k, v in report["rejected"].items())
               + f"; {report['exhaustive_pairs']}/{report['pairs']} pairs exhaustive, "
                 f"{report['negatives_mined']} negatives mined")
+    for name, q in result["pseudo_label_quality"].items():
+        inst, exh, neg = q["instances"], q["exhaustive"], q["negatives"]
+        print(f"{name} against the withheld labels: instance precision {inst['precision']}, recall {inst['recall']} "
+              f"({inst['matched']} of {inst['kept']} kept match one of {inst['true']}); exhaustive pairs right "
+              f"{exh['accuracy']} of {exh['pairs']}; negatives right {neg['accuracy']} of {neg['pairs']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")

@@ -1,0 +1,87 @@
+"""How good a round's pseudo-labels are, measured against labels the engine never saw.
+
+When the pool was cut from a labelled split (the demonstration does this; so can anyone holding out
+a labelled sample of their pool), the written shards can be scored against the withheld labels:
+
+    quality = pseudo_label_quality(shard_paths(round_dir, manifest), labelled_urls)
+    quality["instances"]   # precision / recall of the kept instances (mask IoU >= 0.5, one-to-one)
+    quality["exhaustive"]  # pairs marked exhaustive whose instances are exactly the true ones
+    quality["negatives"]   # instance-free exhaustive pairs whose phrase is truly absent
+
+Instances are matched per (image, phrase) pair, greedily in the order written (the writer keeps
+them by descending score), each to the unmatched true instance of highest IoU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from sam3_train.data import rle as rle_ops
+from sam3_train.engine.review import read_samples
+
+MATCH_IOU = 0.5
+
+
+def _masks(instances: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    if not instances:
+        return np.zeros((0, height * width), dtype=bool)
+    return rle_ops.decode_many([i["rle"] for i in instances], height, width).reshape(len(instances), -1).astype(bool)
+
+
+def matched_instances(predicted: np.ndarray, true: np.ndarray, min_iou: float = MATCH_IOU) -> int:
+    """How many of ``predicted`` [n, P] bool masks match a distinct one of ``true`` [m, P] at IoU >= min_iou."""
+    if len(predicted) == 0 or len(true) == 0:
+        return 0
+    p, t = predicted.astype(np.float32), true.astype(np.float32)
+    inter = p @ t.T
+    union = p.sum(1)[:, None] + t.sum(1)[None, :] - inter
+    iou = inter / np.maximum(union, 1.0)
+    free = np.ones(len(true), dtype=bool)
+    hits = 0
+    for row in iou:
+        candidates = np.where(free & (row >= min_iou), row, -1.0)
+        j = int(candidates.argmax())
+        if candidates[j] >= 0:
+            free[j] = False
+            hits += 1
+    return hits
+
+
+def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min_iou: float = MATCH_IOU) -> dict[str, Any]:
+    """Scores of the pseudo-labelled shards ``written`` against the labelled shards ``labelled``
+    (the same images with their true labels; extra labelled images are ignored)."""
+    written = list(written)
+    keys = {key for key, *_ in read_samples(written)}
+    truth: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for key, _, _, meta in read_samples(list(labelled)):
+        if key in keys:
+            truth[key] = {q["phrase"]: q["instances"] for q in meta["queries"]}
+    if missing := keys - truth.keys():
+        raise ValueError(f"{len(missing)} written samples have no labelled counterpart, e.g. {sorted(missing)[:3]}")
+    kept = hits = true_total = 0
+    exhaustive = exhaustive_right = negatives = negatives_right = 0
+    for key, _, _, meta in read_samples(written):
+        height, width = int(meta["height"]), int(meta["width"])
+        for query in meta["queries"]:
+            true = truth[key].get(query["phrase"])
+            if true is None:
+                raise ValueError(f"sample {key}: phrase {query['phrase']!r} is not among its labelled phrases")
+            found = matched_instances(_masks(query["instances"], height, width), _masks(true, height, width), min_iou)
+            kept, hits, true_total = kept + len(query["instances"]), hits + found, true_total + len(true)
+            if query["exhaustive"]:
+                exhaustive += 1
+                exhaustive_right += int(found == len(query["instances"]) == len(true))
+                if not query["instances"]:
+                    negatives += 1
+                    negatives_right += int(not true)
+    share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    return {
+        "min_iou": min_iou,
+        "instances": {"kept": kept, "true": true_total, "matched": hits,
+                      "precision": share(hits, kept), "recall": share(hits, true_total)},
+        "exhaustive": {"pairs": exhaustive, "right": exhaustive_right, "accuracy": share(exhaustive_right, exhaustive)},
+        "negatives": {"pairs": negatives, "right": negatives_right, "accuracy": share(negatives_right, negatives)},
+    }
