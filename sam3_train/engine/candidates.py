@@ -79,8 +79,9 @@ class Candidate:
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise IoU of two [n, H, W] bool stacks -> [n] float32; 0.0 where both masks are empty
     (an empty mask is no object, so it must never count as stable or consistent)."""
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float()
+    # int32 sums: torch sums bools in int64 by default, ~9x slower (this runs on every candidate).
+    inter = (a & b).flatten(1).sum(1, dtype=torch.int32).float()
+    union = (a | b).flatten(1).sum(1, dtype=torch.int32).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
 
 
