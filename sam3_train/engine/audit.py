@@ -53,17 +53,13 @@ def matched_instances(predicted: np.ndarray, true: np.ndarray, min_iou: float = 
 def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min_iou: float = MATCH_IOU) -> dict[str, Any]:
     """Scores of the pseudo-labelled shards ``written`` against the labelled shards ``labelled``
     (the same images with their true labels; extra labelled images are ignored)."""
-    written = list(written)
-    keys = {key for key, *_ in read_samples(written)}
-    truth: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for key, _, _, meta in read_samples(list(labelled)):
-        if key in keys:
-            truth[key] = {q["phrase"]: q["instances"] for q in meta["queries"]}
-    if missing := keys - truth.keys():
-        raise ValueError(f"{len(missing)} written samples have no labelled counterpart, e.g. {sorted(missing)[:3]}")
+    truth = {key: {q["phrase"]: q["instances"] for q in meta["queries"]}
+             for key, _, _, meta in read_samples(list(labelled))}
     kept = hits = true_total = 0
     exhaustive = exhaustive_right = negatives = negatives_right = 0
-    for key, _, _, meta in read_samples(written):
+    for key, _, _, meta in read_samples(list(written)):
+        if key not in truth:
+            raise ValueError(f"written sample {key} has no labelled counterpart in {len(truth)} labelled samples")
         height, width = int(meta["height"]), int(meta["width"])
         for query in meta["queries"]:
             true = truth[key].get(query["phrase"])
