@@ -134,3 +134,29 @@ def test_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_pat
     with pytest.raises(RuntimeError, match="no readable sample"):
         list(stream)
     assert stream.skip_counter.value > 0
+
+
+def test_training_skips_images_with_no_query_to_train_on(tmp_path, collate, caplog):
+    """Images whose queries are all unlabelled (non-exhaustive, no instances) or absent give no training
+    pair: the training stream skips, counts and names them; evaluation (no selection) keeps them."""
+    from functools import partial
+
+    from sam3_train.data.datamodule import _select
+
+    with ShardSink(out_dir=tmp_path, prefix="mixed", max_count=100) as sink:
+        for i in range(6):
+            data, meta = tiny_sample(i)
+            if i % 3 == 1:
+                meta["queries"] = [query("circle", exhaustive=False), query("box", exhaustive=False)]
+            if i % 3 == 2:
+                meta["queries"] = []
+            sink.write(make_key(i), data, "png", meta)
+    urls = expand_urls(f"{tmp_path}/mixed-000000.tar")
+    train = ShardStream(urls=urls, batch_size=1, collate=collate, transforms=eval_transforms(image_size=16),
+                        select=partial(_select, max_queries=4, negative_share=0.5))
+    with caplog.at_level("WARNING"):
+        keys = [k for batch in train for k in batch.keys]
+    assert keys == [make_key(0), make_key(3)] and train.skip_counter.value == 4
+    assert f"key {make_key(1)}: no query to train on" in caplog.text
+    evaluation = ShardStream(urls=urls, batch_size=1, collate=collate, transforms=eval_transforms(image_size=16))
+    assert [k for batch in evaluation for k in batch.keys] == [make_key(i) for i in range(6)]

@@ -16,7 +16,7 @@ from sam3_train.data import rle as rle_ops
 from sam3_train.data.datamodule import Sam3DataModule
 from sam3_train.data.decode import build_target
 from sam3_train.data.phrases import select_queries, swap_left_right
-from sam3_train.data.schema import SampleError, is_negative, make_key, validate_meta
+from sam3_train.data.schema import SampleError, is_negative, is_unlabelled, make_key, validate_meta
 from sam3_train.data.shapes import COLOURS, KINDS, SIZES, ensure_shapes_shards, generate_scene
 from sam3_train.data.transforms import ColorJitter, ResizePad
 
@@ -129,6 +129,23 @@ def test_query_selection_share_and_fill():
     chosen = select_queries(few_pos, max_queries=4, negative_share=0.25, rng=rng)
     assert sum(not is_negative(q) for q in chosen) == 1 and len(chosen) == 4
     assert len(select_queries(queries, max_queries=None, negative_share=0.5, rng=rng)) == 12
+
+
+def test_query_selection_never_samples_unlabelled_queries():
+    """A non-exhaustive query without instances (an unverified pseudo-label pair) is neither a positive
+    nor a negative: SAM 3's presence loss would train it as absent."""
+    positive = {"phrase": "circle", "exhaustive": False, "instances": [{}]}  # some instances found: present
+    negative = {"phrase": "star", "exhaustive": True, "instances": []}
+    unlabelled = [{"phrase": f"u{i}", "exhaustive": False, "instances": []} for i in range(4)]
+    assert [is_unlabelled(q) for q in (positive, negative, *unlabelled[:1])] == [False, False, True]
+    rng = random.Random(0)
+    for max_queries in (1, 2, 3, 6):
+        for _ in range(20):
+            chosen = select_queries([*unlabelled, positive, negative], max_queries=max_queries,
+                                    negative_share=0.5, rng=rng)
+            assert len(chosen) == min(max_queries, 2) and not any(is_unlabelled(q) for q in chosen)
+    assert select_queries(unlabelled, max_queries=4, negative_share=0.5, rng=rng) == []
+    assert len(select_queries(unlabelled, max_queries=None, negative_share=0.5, rng=rng)) == 4  # evaluation
 
 
 def test_swap_left_right_and_keys():

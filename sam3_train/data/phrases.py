@@ -6,7 +6,7 @@ import random
 import re
 from typing import Any
 
-from sam3_train.data.schema import is_negative
+from sam3_train.data.schema import is_negative, is_unlabelled
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
 _SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
@@ -26,14 +26,18 @@ def select_queries(
 ) -> list[dict[str, Any]]:
     """Pick at most ``max_queries`` of an image's queries, about ``negative_share`` of them negatives.
 
-    Negatives are exhaustive queries without instances. When one kind runs short the other fills
-    the remaining places, so an image keeps ``min(max_queries, len(queries))`` queries. The order of
-    the result is random. ``max_queries=None`` keeps every query (evaluation).
+    Negatives are exhaustive queries without instances. Unlabelled queries (non-exhaustive, no
+    instances: see ``schema.is_unlabelled``) are never picked; they carry no target the objective can
+    use. When one kind runs short the other fills the remaining places, so an image keeps
+    ``min(max_queries, len(labelled queries))`` queries. The order of the result is random.
+    ``max_queries=None`` keeps every query (evaluation, where only exhaustive pairs are scored).
     """
-    if max_queries is None or len(queries) <= max_queries:
+    if max_queries is None:
+        return list(queries)
+    queries = [q for q in queries if not is_unlabelled(q)]
+    if len(queries) <= max_queries:
         chosen = list(queries)
-        if max_queries is not None:
-            rng.shuffle(chosen)
+        rng.shuffle(chosen)
         return chosen
     negatives = [q for q in queries if is_negative(q)]
     positives = [q for q in queries if not is_negative(q)]

@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sam3_train.data.batch import Batch
 from sam3_train.data.decode import QuerySelector, decode_sample
+from sam3_train.data.schema import SampleError
 
 log = logging.getLogger(__name__)
 _SHARED = mp.get_context("spawn")
@@ -274,6 +275,8 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"sample-{self.seed}-{epoch}-{self.rank}-{worker}-{index}")
             try:
                 image, target = decode_sample(sample, select=self.select, rng=rng, draft_size=self.draft_size)
+                if self.select is not None and not target["queries"]:
+                    raise SampleError("no query to train on (none, or only non-exhaustive ones without instances)")
                 image, target = self.transforms(image, target, rng)
             except Exception as exn:  # bad data never stops training: count, warn, move on
                 self.skip_counter.skip(sample.get("__url__"), sample.get("__key__"), exn)

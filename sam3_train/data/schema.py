@@ -114,3 +114,10 @@ def validate_meta(meta: Any) -> dict[str, Any]:
 def is_negative(q: dict[str, Any]) -> bool:
     """An exhaustive query with no instances: the phrase names something absent from the image."""
     return bool(q.get("exhaustive", True)) and not q.get("instances")
+
+
+def is_unlabelled(q: dict[str, Any]) -> bool:
+    """A non-exhaustive query with no instances: it says neither that the phrase is present nor that
+    it is absent (a pseudo-label pair no instance of which passed verification). SAM 3's presence loss
+    would read it as absent, so training never samples it."""
+    return not bool(q.get("exhaustive", True)) and not q.get("instances")
