@@ -137,7 +137,10 @@ def test_query_selection_never_samples_unlabelled_queries():
     positive = {"phrase": "circle", "exhaustive": False, "instances": [{}]}  # some instances found: present
     negative = {"phrase": "star", "exhaustive": True, "instances": []}
     unlabelled = [{"phrase": f"u{i}", "exhaustive": False, "instances": []} for i in range(4)]
-    assert [is_unlabelled(q) for q in (positive, negative, *unlabelled[:1])] == [False, False, True]
+    crowd_only = {"phrase": "people", "exhaustive": True, "instances": [{"crowd": True}]}  # present, no target
+    crowd_and_one = {"phrase": "people", "exhaustive": True, "instances": [{"crowd": True}, {}]}
+    assert [is_unlabelled(q) for q in (positive, negative, unlabelled[0], crowd_only, crowd_and_one)] == [
+        False, False, True, True, False]
     rng = random.Random(0)
     for max_queries in (1, 2, 3, 6):
         for _ in range(20):

@@ -26,8 +26,8 @@ def select_queries(
 ) -> list[dict[str, Any]]:
     """Pick at most ``max_queries`` of an image's queries, about ``negative_share`` of them negatives.
 
-    Negatives are exhaustive queries without instances. Unlabelled queries (non-exhaustive, no
-    instances: see ``schema.is_unlabelled``) are never picked; they carry no target the objective can
+    Negatives are exhaustive queries without instances. Unlabelled queries (non-exhaustive without
+    instances, or crowd instances only: ``schema.is_unlabelled``) are never picked; they carry no target the objective can
     use. When one kind runs short the other fills the remaining places, so an image keeps
     ``min(max_queries, len(labelled queries))`` queries. The order of the result is random.
     ``max_queries=None`` keeps every query (evaluation, where only exhaustive pairs are scored).

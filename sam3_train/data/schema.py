@@ -117,7 +117,11 @@ def is_negative(q: dict[str, Any]) -> bool:
 
 
 def is_unlabelled(q: dict[str, Any]) -> bool:
-    """A non-exhaustive query with no instances: it says neither that the phrase is present nor that
-    it is absent (a pseudo-label pair no instance of which passed verification). SAM 3's presence loss
-    would read it as absent, so training never samples it."""
-    return not bool(q.get("exhaustive", True)) and not q.get("instances")
+    """A query without a target the objective can use: no instances and not exhaustive (it says
+    neither present nor absent: a pseudo-label pair none of whose proposals verified), or crowd
+    instances only (present, but nothing to match). SAM 3's presence loss would read either as
+    absent, so training never samples them."""
+    instances = q.get("instances") or []
+    if any(not inst.get("crowd", False) for inst in instances):
+        return False
+    return bool(instances) or not bool(q.get("exhaustive", True))
