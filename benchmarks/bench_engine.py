@@ -12,8 +12,10 @@ Both runs go through the real front (``tools/data_engine.py run``, in subprocess
 is resumable like the engine: run the same command again after an interruption.
 
 Reports held-out cgF1 (and box cgF1, IL_MCC, pmF1) for round 0, 1, 2 and full supervision, the share
-of the round-0 gap closed by the last round, and per round what the verifiers kept and rejected (the
-first thing to read when the gap does not close). Printed and saved as JSON (``--out``).
+of the round-0 gap closed by the last round, per round what the verifiers kept and rejected (the
+first thing to read when the gap does not close), and how good the written pseudo-labels are against
+the pool's withheld labels (``sam3_train.engine.audit``: instance precision and recall, exhaustive and
+negative pairs right). Printed and saved as JSON (``--out``).
 """
 
 from __future__ import annotations
