@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sam3_train.data import rle as rle_ops
@@ -67,7 +68,7 @@ def test_quality_counts_matches_exhaustive_pairs_and_negatives(tmp_path):
 
 def test_matching_is_one_to_one_at_the_iou_threshold():
     def flat(*boxes):
-        return np.stack([rle_ops.decode_many([b["rle"]], H, W)[0].reshape(-1).astype(bool) for b in boxes])
+        return torch.from_numpy(rle_ops.decode_many([b["rle"] for b in boxes], H, W).astype(bool))
 
     assert matched_instances(flat(A, A), flat(A)) == 1           # a duplicate matches once
     assert matched_instances(flat(A_OFF), flat(A)) == 0          # IoU 0.375 < 0.5

@@ -27,8 +27,8 @@ def select_queries(
     """Pick at most ``max_queries`` of an image's queries, about ``negative_share`` of them negatives.
 
     Negatives are exhaustive queries without instances. Unlabelled queries (non-exhaustive without
-    instances, or crowd instances only: ``schema.is_unlabelled``) are never picked; they carry no target the objective can
-    use. When one kind runs short the other fills the remaining places, so an image keeps
+    instances, or crowd instances only: ``schema.is_unlabelled``) are never picked; they carry no
+    target the objective can use. When one kind runs short the other fills the remaining places, so an image keeps
     ``min(max_queries, len(labelled queries))`` queries. The order of the result is random.
     ``max_queries=None`` keeps every query (evaluation, where only exhaustive pairs are scored).
     """
@@ -36,9 +36,8 @@ def select_queries(
         return list(queries)
     queries = [q for q in queries if not is_unlabelled(q)]
     if len(queries) <= max_queries:
-        chosen = list(queries)
-        rng.shuffle(chosen)
-        return chosen
+        rng.shuffle(queries)
+        return queries
     negatives = [q for q in queries if is_negative(q)]
     positives = [q for q in queries if not is_negative(q)]
     n_neg = min(len(negatives), round(negative_share * max_queries))

@@ -276,7 +276,7 @@ class ShardStream(IterableDataset):
             try:
                 image, target = decode_sample(sample, select=self.select, rng=rng, draft_size=self.draft_size)
                 if self.select is not None and not target["queries"]:
-                    raise SampleError("no query to train on (none, or only non-exhaustive ones without instances)")
+                    raise SampleError("no query to train on (none, or only unlabelled ones: schema.is_unlabelled)")
                 image, target = self.transforms(image, target, rng)
             except Exception as exn:  # bad data never stops training: count, warn, move on
                 self.skip_counter.skip(sample.get("__url__"), sample.get("__key__"), exn)

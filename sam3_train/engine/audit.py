@@ -17,32 +17,27 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
+import torch
 
 from sam3_train.data import rle as rle_ops
+from sam3_train.engine.candidates import pairwise_mask_iou
 from sam3_train.engine.review import read_samples
 
 MATCH_IOU = 0.5
 
 
-def _masks(instances: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
-    if not instances:
-        return np.zeros((0, height * width), dtype=bool)
-    return rle_ops.decode_many([i["rle"] for i in instances], height, width).reshape(len(instances), -1).astype(bool)
+def _masks(instances: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
+    return torch.from_numpy(rle_ops.decode_many([i["rle"] for i in instances], height, width).astype(bool))
 
 
-def matched_instances(predicted: np.ndarray, true: np.ndarray, min_iou: float = MATCH_IOU) -> int:
-    """How many of ``predicted`` [n, P] bool masks match a distinct one of ``true`` [m, P] at IoU >= min_iou."""
+def matched_instances(predicted: torch.Tensor, true: torch.Tensor, min_iou: float = MATCH_IOU) -> int:
+    """How many of ``predicted`` [n, H, W] bool masks match a distinct one of ``true`` [m, H, W] at IoU >= min_iou."""
     if len(predicted) == 0 or len(true) == 0:
         return 0
-    p, t = predicted.astype(np.float32), true.astype(np.float32)
-    inter = p @ t.T
-    union = p.sum(1)[:, None] + t.sum(1)[None, :] - inter
-    iou = inter / np.maximum(union, 1.0)
-    free = np.ones(len(true), dtype=bool)
+    free = torch.ones(len(true), dtype=torch.bool)
     hits = 0
-    for row in iou:
-        candidates = np.where(free & (row >= min_iou), row, -1.0)
+    for row in pairwise_mask_iou(predicted, true):
+        candidates = torch.where(free & (row >= min_iou), row, -1.0)
         j = int(candidates.argmax())
         if candidates[j] >= 0:
             free[j] = False
