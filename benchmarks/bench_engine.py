@@ -1,8 +1,13 @@
 """The data engine's measured demonstration: how much of the gap to full supervision pseudo-labels close.
 
-    python benchmarks/bench_engine.py                 # the demonstration at configs/engine_shapes.yaml's budget
+    python benchmarks/bench_engine.py                 # the demonstration at configs/shapes_tiny.yaml's budget
     python benchmarks/bench_engine.py --quick         # a handful of steps on a small shapes set: checks it runs
     python benchmarks/bench_engine.py trainer.devices=2 trainer.strategy=ddp_find_unused_parameters_true
+
+    python benchmarks/bench_engine.py --iou           # the verifiers' and flip matching's mask IoU, timed
+
+The engine config is configs/shapes_tiny.yaml with the overlay configs/engine/shapes.yaml
+(``--config`` repeated replaces both).
 
 On the built-in shapes dataset: round 0 trains on 10% of the train split with its labels, the other
 90% (labels stripped) is the unlabelled pool, two pseudo-labelling rounds follow; a fourth model
@@ -33,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TOOL = REPO / "tools" / "data_engine.py"
 METRICS = ("test/cgF1", "test/box_cgF1", "test/IL_MCC", "test/pmF1")
+CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
 # A CPU smoke scale: 40 / 8 / 8 images at 112 px, three steps per model.
 QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112", "trainer.max_steps=3",
          "data.steps_per_epoch=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
@@ -40,8 +46,9 @@ QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112
          "data.max_phrases_per_image=3", "engine.split_shards=4", "engine.num_workers=0", "engine.max_detections=5"]
 
 
-def run_engine(config: str, work_dir: Path, overrides: list[str]) -> None:
-    command = [sys.executable, str(TOOL), "run", "--config", config, f"engine.work_dir={work_dir}", *overrides]
+def run_engine(configs: list[str], work_dir: Path, overrides: list[str]) -> None:
+    options = [a for c in configs for a in ("--config", c)]
+    command = [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work_dir}", *overrides]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
 
@@ -75,21 +82,78 @@ def label_quality(engine_dir: Path, round_dir: Path, round_manifest: dict) -> di
     return pseudo_label_quality(shard_paths(round_dir, round_manifest), labelled)
 
 
+def iou_timings() -> dict:
+    """Mask IoU as the engine computes it (``metrics.iou``) against the straightforward variants, timed in
+    this run, one thread: pairwise counts in a float32 matmul vs float64 (flip matching, audit, cgF1;
+    the same bits), row-wise pixel sums in int32 vs torch's default int64 (the verifiers)."""
+    import torch
+
+    from sam3_train.metrics.iou import mask_iou, rowwise_mask_iou
+
+    def best_ms(fn, *args, repeat: int = 7) -> float:
+        fn(*args)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    def pairwise_float64(a, b):
+        fa, fb = a.flatten(1).double(), b.flatten(1).double()
+        inter = fa @ fb.T
+        union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+        return torch.where(inter > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+
+    def rowwise_int64(a, b):
+        inter, union = (a & b).flatten(1).sum(1).float(), (a | b).flatten(1).sum(1).float()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1024, 1024, generator=gen)
+    gflops = 2 * 1024**3 / best_ms(torch.mm, x, x) / 1e6
+    rows = []
+    for n, height, width in [(16, 224, 224), (100, 224, 224), (20, 480, 640)]:
+        a = torch.rand(n, height, width, generator=gen) > 0.5
+        b = torch.rand(n, height, width, generator=gen) > 0.7
+        assert torch.equal(mask_iou(a, b), pairwise_float64(a, b))
+        pair32, pair64 = best_ms(mask_iou, a, b), best_ms(pairwise_float64, a, b)
+        row32, row64 = best_ms(rowwise_mask_iou, a, b), best_ms(rowwise_int64, a, b)
+        rows.append({"masks": n, "size": [height, width], "pairwise_ms": round(pair32, 2),
+                     "pairwise_float64_ratio": round(pair64 / pair32, 2), "rowwise_ms": round(row32, 2),
+                     "rowwise_int64_ratio": round(row64 / row32, 2)})
+    torch.set_num_threads(threads)
+    return {"matmul_fp32_gflops": round(gflops, 1), "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/engine_shapes.yaml")
+    parser.add_argument("--config", action="append", help="engine config files, in order (default: "
+                        f"{' then '.join(CONFIGS)})")
     parser.add_argument("--quick", action="store_true", help="tiny scale (a handful of steps): checks the pipeline")
+    parser.add_argument("--iou", action="store_true", help="only time the engine's mask IoU against its baselines")
     parser.add_argument("--work-dir", help="default: runs/bench_engine (runs/bench_engine_quick with --quick)")
     parser.add_argument("--out", help="default: benchmarks/results/engine.json (engine_quick.json with --quick)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs (as data_engine.py)")
     args = parser.parse_args()
+    if args.iou:
+        timings = iou_timings()
+        print(f"mask IoU, one thread (fp32 matmul {timings['matmul_fp32_gflops']} GFLOP/s); ratio = baseline / ours")
+        for row in timings["rows"]:
+            print(f"  {row['masks']:>3} masks {row['size'][0]}x{row['size'][1]}: pairwise {row['pairwise_ms']} ms "
+                  f"(float64 counts x{row['pairwise_float64_ratio']}), row-wise {row['rowwise_ms']} ms "
+                  f"(int64 sums x{row['rowwise_int64_ratio']})")
+        return
+    configs = args.config or CONFIGS
     suffix = "_quick" if args.quick else ""
     work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")
     overrides = ([*QUICK, f"data.shapes_root={work / 'shapes'}"] if args.quick else []) + args.overrides
     start = time.perf_counter()
-    run_engine(args.config, work / "engine", overrides)
-    run_engine(args.config, work / "full", [*overrides, "engine.labelled_fraction=1.0", "engine.rounds=0"])
+    run_engine(configs, work / "engine", overrides)
+    run_engine(configs, work / "full", [*overrides, "engine.labelled_fraction=1.0", "engine.rounds=0"])
     seconds = time.perf_counter() - start
 
     rounds = sorted((work / "engine").glob("round-[0-9][0-9][0-9]"))
@@ -100,7 +164,7 @@ def main() -> None:
     gap = best - first
     recovered = (last - first) / gap if gap > 0 else None
     result = {
-        "benchmark": "data_engine", "quick": args.quick, "config": args.config, "overrides": overrides,
+        "benchmark": "data_engine", "quick": args.quick, "config": configs, "overrides": overrides,
         "labelled_images": manifests[0]["outputs"]["fit"]["sources"]["labelled"]["samples"],
         "pool_images": manifests[1]["counts"]["proposed"]["images"] if len(manifests) > 1 else 0,
         "steps_per_model": full["outputs"]["fit"]["steps"],

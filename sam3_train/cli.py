@@ -17,9 +17,11 @@ is built, and an unknown option gets the nearest valid one suggested.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -37,26 +39,26 @@ _SPECIAL_CKPT_PATHS = ("last", "hpc", "best")
 
 
 def _option_names(parser: Any) -> list[str]:
-    names = []
-    for action in getattr(parser, "_actions", []):
-        dest = getattr(action, "dest", "")
-        if dest and dest not in ("help", "config", "print_config"):
-            names.append(dest)
-    return names
+    return [name for name in parser.get_defaults().keys() if name not in ("config", "print_config")]
 
 
 class Sam3ArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser; an unknown option's error names the closest valid option."""
+    """LightningCLI's parser; an unknown option's error names the closest valid option.
+
+    ``subcommand_parsers``: the parsers of fit, validate, ... (filled by ``Sam3CLI``), searched when the
+    root parser reports the error.
+    """
+
+    subcommand_parsers: list[LightningArgumentParser]
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         for pattern in _UNKNOWN:
             found = pattern.search(message)
             if found:
-                parser = getattr(ex, "subcommand_parser", None) or self
+                parser = getattr(ex, "subcommand_parser", None) or self  # jsonargparse's own error() reads it too
                 names = _option_names(parser)
-                if parser._subcommands_action is not None:  # the root parser: every subcommand's options
-                    for sub in parser._subcommands_action._name_parser_map.values():
-                        names += _option_names(sub)
+                for sub in getattr(parser, "subcommand_parsers", []):
+                    names += _option_names(sub)
                 close = difflib.get_close_matches(found.group(1), names, n=1, cutoff=0.6)
                 message += (f". Did you mean '{close[0]}'?" if close else ". Remove it;") + " `--help` lists every option."
                 break
@@ -73,10 +75,32 @@ class LoggedConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def redirect_outputs(cfg: dict[str, Any], out_dir: str | Path, *, logs_subdir: str | None = None) -> dict[str, Any]:
+    """A copy of config ``cfg`` (a dict) whose written paths all lie under ``out_dir``: the trainer's
+    ``default_root_dir``, every logger's ``save_dir`` (``out_dir/logs_subdir`` when given),
+    ``ModelCheckpoint``'s ``dirpath`` (``out_dir/checkpoints``) and any callback's ``output_dir``
+    (``out_dir/predictions``). The data engine's round fits and the CLI tests use it."""
+    out = copy.deepcopy(cfg)
+    root = Path(out_dir)
+    trainer = out.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(root)
+    for logger in as_list(trainer.get("logger")):
+        if isinstance(logger, dict):
+            logger.setdefault("init_args", {})["save_dir"] = str(root / logs_subdir if logs_subdir else root)
+    for callback in as_list(trainer.get("callbacks")):
+        if isinstance(callback, dict):
+            init = callback.setdefault("init_args", {})
+            if callback.get("class_path", "").endswith("ModelCheckpoint"):
+                init["dirpath"] = str(root / "checkpoints")
+            if "output_dir" in init:
+                init["output_dir"] = str(root / "predictions")
+    return out
 
 
 class Sam3CLI(LightningCLI):
@@ -84,8 +108,17 @@ class Sam3CLI(LightningCLI):
         kwargs.setdefault("parser_class", Sam3ArgumentParser)
         super().__init__(*args, **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.subcommand_parsers = []
+        if not hasattr(self, "_root_parser"):  # LightningCLI builds the root parser first, then one per subcommand
+            self._root_parser = parser
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
+        if parser is not self._root_parser:
+            self._root_parser.subcommand_parsers.append(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -114,10 +147,10 @@ class Sam3CLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
-        plugins = _as_list(kwargs.pop("plugins", config.get("plugins")))
+        plugins = as_list(kwargs.pop("plugins", config.get("plugins")))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
-        callbacks = _as_list(kwargs.pop("callbacks", config.get("callbacks")))
+        callbacks = as_list(kwargs.pop("callbacks", config.get("callbacks")))
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)

@@ -1,13 +1,20 @@
 """torch.distributed helpers that also work in a single process (no process group).
 
-Every function here is a collective when a process group of more than one rank exists: all ranks
-must call it at the same point, in the same order (Lightning's checkpoint save is such a point: it
-runs ``dump_checkpoint`` on every rank).
+The one place that says which rank this process is (:func:`rank_and_world`). Every other function
+except :func:`launch` and :func:`is_peer_failure` is a collective when a process group of more than
+one rank exists: all ranks must call it at the same point, in the same order (Lightning's checkpoint
+save is such a point: it runs ``dump_checkpoint`` on every rank).
+
+Code that runs between trainer calls (the data engine's round loop) starts the group itself::
+
+    launch(accelerator="cpu", devices=2, num_nodes=1)   # re-runs this script as rank 1
+    if is_rank_zero(): write_marker(...)
+    barrier()
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -23,10 +30,66 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank_and_world() -> tuple[int, int]:
+def rank_and_world(trainer: Any = None) -> tuple[int, int]:
+    """(global rank, world size): the ``trainer``'s when given (a DataModule knows its place from
+    its trainer, also where no process group exists yet), else the process group's, else (0, 1)."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
     if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_rank_zero() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def launch(*, accelerator: str = "auto", devices: int | str | list[int] = "auto", num_nodes: int = 1) -> int:
+    """Start (or join) the process group of ``devices`` x ``num_nodes`` processes; returns the world size.
+
+    Lightning launches DDP ranks by re-running the script, at the first ``Trainer`` call. Code that
+    reads and writes shared state between trainer calls starts the group first, with Fabric's
+    launcher (the same mechanism; under torchrun or SLURM it only joins their group). Every later
+    ``Trainer`` finds ``LOCAL_RANK`` set and the group initialised, and reuses both. A single process
+    starts nothing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes)
+    if fabric.world_size > 1:
+        fabric.launch()
+    return fabric.world_size
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled): one decision, taken once, shared by all."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank_zero(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank. An exception raised there is raised on every
+    rank (a bad path must stop all of them, not leave the others waiting at the next collective)."""
+    result: Any = None
+    if is_rank_zero():
+        try:
+            result = ("ok", fn())
+        except Exception as exn:  # re-raised below, on every rank
+            result = ("error", exn)
+    status, value = broadcast(result)
+    if status == "error":
+        raise value
+    return value
 
 
 def gather_objects(obj: Any) -> list[Any]:

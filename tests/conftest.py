@@ -47,3 +47,69 @@ def one_thread():
 @pytest.fixture
 def wandb_disabled(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+# ---------------------------------------------------------------------------------------- data engine
+# Hand-made inputs shared by tests/test_engine_*.py (imported as `from conftest import ...`).
+def png_bytes(height: int, width: int, value: int = 0) -> bytes:
+    """An encoded PNG of one grey level."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(out_dir, prefix: str, samples: dict, image: bytes) -> list[str]:
+    """``samples`` (sample key -> meta), each with ``image`` as its PNG, into ``out_dir/{prefix}-*.tar``;
+    returns the shard paths, sorted."""
+    from pathlib import Path
+
+    from sam3_train.data.shards import ShardSink
+
+    with ShardSink(out_dir=out_dir, prefix=prefix, max_count=1000) as sink:
+        for key, meta in samples.items():
+            sink.write(key, image, "png", meta)
+    return sorted(str(p) for p in Path(out_dir).glob(f"{prefix}-*.tar"))
+
+
+class EngineFrame:
+    """Masks and candidates drawn in one H x W image (the engine's original-pixel frame)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def box_mask(self, x0: int, y0: int, x1: int, y1: int):
+        """[H, W] bool, on in rows y0:y1 and columns x0:x1."""
+        import torch
+
+        m = torch.zeros(self.height, self.width, dtype=torch.bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    def candidate(self, scores, masks, *, phrase: str = "star", key: str = "00000000_img", presence: float = 0.9,
+                  loose=None, tight=None, flip=None):
+        """A pair of n instances with the given scores and [H, W] masks: loose, tight and flip masks
+        default to the mask (``flip=False``: no flip run); boxes are the masks' extents."""
+        import torch
+
+        from sam3_train.engine import Candidate
+
+        n = len(scores)
+        def stack(ms):
+            return torch.stack(list(ms)) if n else torch.zeros(0, self.height, self.width, dtype=torch.bool)
+
+        masks = stack(masks)
+        boxes = torch.zeros(n, 4)
+        for i, m in enumerate(masks):
+            ys, xs = m.nonzero(as_tuple=True)
+            if len(xs):
+                boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        return Candidate(key=key, phrase=phrase, height=self.height, width=self.width, presence=presence,
+                         scores=torch.tensor(scores, dtype=torch.float32).reshape(n), boxes=boxes,
+                         masks=masks, masks_loose=masks if loose is None else stack(loose),
+                         masks_tight=masks if tight is None else stack(tight),
+                         flip_masks=None if flip is False else (masks if flip is None else stack(flip)))

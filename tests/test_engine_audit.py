@@ -3,15 +3,12 @@ whose precision, recall and exhaustivity accuracy are counted by hand."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import png_bytes, write_shards
 
 from sam3_train.data import rle as rle_ops
-from sam3_train.data.shards import ShardSink
 from sam3_train.engine.audit import matched_instances, pseudo_label_quality
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -30,13 +27,7 @@ def sample(queries: list[tuple[str, bool, list[dict]]]) -> dict:
 
 
 def write(out, prefix, samples: dict[str, dict]) -> list[str]:
-    buf = io.BytesIO()
-    Image.new("RGB", (W, H)).save(buf, format="PNG")
-    sink = ShardSink(out_dir=out, prefix=prefix)
-    for key, meta in samples.items():
-        sink.write(key, buf.getvalue(), "png", meta)
-    sink.close()
-    return sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
+    return write_shards(out, prefix, samples, png_bytes(H, W))
 
 
 A, B, C = box(0, 0, 8, 8), box(8, 8, 16, 16), box(0, 8, 8, 16)

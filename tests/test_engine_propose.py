@@ -3,31 +3,23 @@ plumbing, exact records), phrase sources, the labelled / pool split, weighted tr
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPES_SPLITS
-from PIL import Image
+from conftest import SHAPES_SPLITS, png_bytes, write_shards
 
 from sam3_train.data.batch import Batch
 from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.shards import ShardSink, expand_urls
-from sam3_train.engine.config import load_config, round_fit_config
-from sam3_train.engine.proposals import (
-    PhraseSelector,
-    batch_candidates,
-    candidate_record,
-    flip_batch,
-    record_candidates,
-)
-from sam3_train.engine.settings import DataEngine
+from sam3_train.engine.candidates import candidate_record, record_candidates
+from sam3_train.engine.proposals import PhraseSelector, batch_candidates, flip_batch
+from sam3_train.engine.settings import DataEngine, load_config, round_fit_config
 from sam3_train.engine.sources import (
-    iter_samples,
-    labelled_phrases,
+    labelled_set_phrases,
+    read_samples,
     read_vocabulary,
     split_labelled_pool,
     weighted_shards,
@@ -39,6 +31,7 @@ from sam3_train.model.postprocess import postprocess
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 REPO = Path(__file__).resolve().parents[1]
+ENGINE_CONFIGS = [REPO / "configs" / "shapes_tiny.yaml", REPO / "configs" / "engine" / "shapes.yaml"]
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -138,17 +131,17 @@ def test_vocabulary_file(tmp_path):
 
 def test_split_labelled_pool_partitions_every_image_once(shapes_root, tmp_path):
     urls = sorted(str(p) for p in (Path(shapes_root) / "shards" / "train").glob("*.tar"))
-    source = {key: (data, meta) for key, data, _, meta in iter_samples(urls)}
+    source = {key: (data, meta) for key, data, _, meta in read_samples(urls, strict=False)}
     split = split_labelled_pool(urls=urls, out_dir=tmp_path / "split", fraction=0.25, seed=3, num_shards=4)
-    labelled = {k: (d, m) for k, d, _, m in iter_samples(expand_urls(split["patterns"]["labelled"]))}
-    pool = {k: (d, m) for k, d, _, m in iter_samples(expand_urls(split["patterns"]["pool"]))}
+    labelled = {k: (d, m) for k, d, _, m in read_samples(expand_urls(split["patterns"]["labelled"]), strict=False)}
+    pool = {k: (d, m) for k, d, _, m in read_samples(expand_urls(split["patterns"]["pool"]), strict=False)}
     assert len(labelled) == round(0.25 * SHAPES_SPLITS["train"]) and not set(labelled) & set(pool)
     assert set(labelled) | set(pool) == set(source)
     assert split["counts"] == {"labelled": 16, "pool": 48, "skipped": 0}
     assert len(expand_urls(split["patterns"]["pool"])) == 4 and len(expand_urls(split["patterns"]["labelled"])) == 4
     for key, (data, meta) in labelled.items():
         assert (data, meta) == source[key]  # labels kept as they were
-    assert labelled_phrases(expand_urls(split["patterns"]["labelled"])) == sorted(
+    assert labelled_set_phrases(expand_urls(split["patterns"]["labelled"])) == sorted(
         {q["phrase"] for _, meta in labelled.values() for q in meta["queries"]})
     for key, (data, meta) in pool.items():
         original = source[key][1]
@@ -165,19 +158,14 @@ def test_split_labelled_pool_partitions_every_image_once(shapes_root, tmp_path):
 
 
 def _shards(folder: Path, prefix: str, counts: list[int], image: bytes) -> list[str]:
-    urls = []
-    for s, n in enumerate(counts):
-        with ShardSink(out_dir=folder, prefix=f"{prefix}{s}", max_count=1000) as sink:
-            for i in range(n):
-                sink.write(f"{prefix}{s}_{i:04d}", image, "png", {"width": 2, "height": 2, "queries": []})
-        urls.append(f"{folder}/{prefix}{s}-000000.tar")
-    return urls
+    """One shard per count, of that many blank samples."""
+    blank = {"width": 2, "height": 2, "queries": []}
+    return [url for s, n in enumerate(counts)
+            for url in write_shards(folder, f"{prefix}{s}", {f"{prefix}{s}_{i:04d}": blank for i in range(n)}, image)]
 
 
 def test_weighted_shards_give_each_source_its_share(tmp_path):
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
-    image = buffer.getvalue()
+    image = png_bytes(2, 2)
     labelled = _shards(tmp_path, "lab", [3, 3], image)  # 6 samples
     pseudo = _shards(tmp_path, "pse", [10, 10, 10], image)  # 30 samples
     joined, info = weighted_shards({"labelled": (labelled, 1.0), "pseudo": (pseudo, 1.0)})
@@ -200,8 +188,7 @@ def test_weighted_shards_give_each_source_its_share(tmp_path):
 
 # ------------------------------------------------------------------------------------------ settings
 def test_engine_config_loads_with_overrides_and_round_configs_write_under_the_round(tmp_path):
-    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml",
-                                ["trainer.max_steps=7", "engine.rounds=3", "engine.work_dir=/tmp/w"])
+    cfg, settings = load_config(ENGINE_CONFIGS, ["trainer.max_steps=7", "engine.rounds=3", "engine.work_dir=/tmp/w"])
     assert cfg["trainer"]["max_steps"] == 7 and (settings.rounds, settings.work_dir) == (3, "/tmp/w")
     assert settings.labelled_fraction == 0.1 and [v.name for v in settings.verifiers] == [
         "score", "stability", "flip", "exhaustivity"]
@@ -212,9 +199,9 @@ def test_engine_config_loads_with_overrides_and_round_configs_write_under_the_ro
     assert [lg["init_args"]["save_dir"] for lg in fit["trainer"]["logger"]] == [out, out]
     assert fit["trainer"]["logger"][0]["init_args"]["name"] == "x-round-001"
     assert fit["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"{out}/checkpoints"
-    assert cfg["trainer"]["default_root_dir"] == "runs/engine_shapes/full"  # the original is not touched
+    assert cfg["trainer"]["default_root_dir"] == "runs/shapes_tiny"  # the original is not touched
     with pytest.raises(Exception, match="roundz"):
-        load_config(REPO / "configs" / "engine_shapes.yaml", ["engine.roundz=1"])
+        load_config(ENGINE_CONFIGS, ["engine.roundz=1"])
 
 
 def test_settings_refuse_contradictions():
@@ -246,12 +233,12 @@ def tiny_lightning_checkpoint(tmp_path_factory) -> Path:
 def test_corrupt_pool_images_are_skipped_counted_and_never_written(tmp_path, shapes_root, tiny_lightning_checkpoint):
     import lightning as L
 
-    from sam3_train.engine.labelling import write_rank
-    from sam3_train.engine.negatives import HardNegativeMiner
     from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule
-    from sam3_train.engine.verifiers import ExhaustivityVerifier, VerifierChain
+    from sam3_train.engine.pseudo_labels import write_rank
+    from sam3_train.engine.verifiers import ExhaustivityVerifier, HardNegativeMiner, VerifierChain
 
-    samples = list(iter_samples(sorted(str(p) for p in (Path(shapes_root) / "shards" / "val").glob("*.tar"))))[:5]
+    val = sorted(str(p) for p in (Path(shapes_root) / "shards" / "val").glob("*.tar"))
+    samples = list(read_samples(val, strict=False))[:5]
     with ShardSink(out_dir=tmp_path / "pool", prefix="pool", max_count=3) as sink:
         for i, (key, data, ext, meta) in enumerate(samples):
             sink.write(key, data[:200] if i == 1 else data, ext, meta)  # image 1: a truncated JPEG
@@ -271,21 +258,22 @@ def test_corrupt_pool_images_are_skipped_counted_and_never_written(tmp_path, sha
     assert written["counts"]["samples"] == 4 and written["counts"]["unproposed"] == 1
     counts = written["counts"]  # every candidate kept: written, unless its logit-0 mask is empty
     assert counts["instances"] + counts["empty_masks"] == 16 and counts["truncated_pairs"] == 8
-    keys = [k for k, *_ in iter_samples(sorted(str(p) for p in (tmp_path / "round" / "shards-rank000").glob("*.tar")))]
+    shards = sorted(str(p) for p in (tmp_path / "round" / "shards-rank000").glob("*.tar"))
+    keys = [k for k, *_ in read_samples(shards, strict=False)]
     assert keys == [s[0] for i, s in enumerate(samples) if i != 1]
 
 
 def test_bad_paths_fail_before_any_round_naming_them(tmp_path):
     from sam3_train.engine.rounds import Engine
 
-    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml", [
+    cfg, settings = load_config(ENGINE_CONFIGS, [
         "engine.labelled_fraction=null", f"engine.labelled={tmp_path}/lab-000000.tar",
         f"engine.pool={tmp_path}/missing/pool-{{000000..000003}}.tar", f"engine.work_dir={tmp_path}/w"])
     (tmp_path / "lab-000000.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"DataEngine.pool: .*missing"):
-        Engine(cfg=cfg, settings=settings, config_path="x.yaml").prepare()
-    cfg, settings = load_config(REPO / "configs" / "engine_shapes.yaml", [
+        Engine(cfg=cfg, settings=settings, configs=["x.yaml"]).prepare()
+    cfg, settings = load_config(ENGINE_CONFIGS, [
         "engine.labelled_fraction=null", f"engine.labelled={tmp_path}/lab-000000.tar",
         f"engine.checkpoint={tmp_path}/none.ckpt", f"engine.work_dir={tmp_path}/w"])
     with pytest.raises(FileNotFoundError, match="none.ckpt"):
-        Engine(cfg=cfg, settings=settings, config_path="x.yaml").prepare()
+        Engine(cfg=cfg, settings=settings, configs=["x.yaml"]).prepare()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import EngineFrame, png_bytes
 from PIL import Image
 
 from sam3_train.data import rle as rle_ops
 from sam3_train.engine import (
-    Candidate,
     ExhaustivityVerifier,
     ScoreVerifier,
     StabilityVerifier,
@@ -26,26 +24,12 @@ from sam3_train.engine import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 24, 32
 KEY = "00000007_photo"
+FRAME = EngineFrame(H, W)
+box_mask = FRAME.box_mask
 
 
-def box_mask(x0, y0, x1, y1) -> torch.Tensor:
-    m = torch.zeros(H, W, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def candidate(phrase, scores, masks, loose=None) -> Candidate:
-    masks = torch.stack(masks)
-    boxes = torch.tensor([[float(x0), float(y0), float(x1), float(y1)] for x0, y0, x1, y1 in
-                          (_extent(m) for m in masks)])
-    return Candidate(key=KEY, phrase=phrase, height=H, width=W, presence=0.9, scores=torch.tensor(scores),
-                     boxes=boxes, masks=masks, masks_loose=masks if loose is None else torch.stack(loose),
-                     masks_tight=masks)
-
-
-def _extent(m: torch.Tensor) -> tuple[int, int, int, int]:
-    ys, xs = m.nonzero(as_tuple=True)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+def candidate(phrase, scores, masks, loose=None):
+    return FRAME.candidate(scores, masks, phrase=phrase, key=KEY, loose=loose)
 
 
 @pytest.fixture
@@ -61,13 +45,13 @@ def reviewed(tmp_path):
         chain(candidate("star", [0.99], [box_mask(16, 14, 22, 20)])),  # confident: not exported
         chain(candidate("blue star", [0.3], [box_mask(16, 14, 22, 20)])),  # uncertain, written as a mined negative
     ]
-    buf = io.BytesIO()
-    Image.fromarray(np.full((H, W, 3), 90, dtype=np.uint8)).save(buf, format="PNG")
+    image = png_bytes(H, W, value=90)
     base = {"image_id": 7, "width": W, "height": H, "queries": [], "source": {"dataset": "pool"}}
     meta, _ = pseudo_sample(base, pairs, negatives=["blue star"])
-    stats = export_review(out_dir=tmp_path / "review", images=[(buf.getvalue(), "png", meta, pairs)])
+    stats = export_review(out_dir=tmp_path / "review", images=[(image, "png", meta, pairs)])
     coco = json.loads((tmp_path / "review" / "review.json").read_text())
-    return {"coco": coco, "samples": {KEY: meta}, "stats": stats, "dir": tmp_path / "review", "r1": r1}
+    return {"coco": coco, "samples": {KEY: meta}, "stats": stats, "dir": tmp_path / "review", "r1": r1,
+            "image": image, "meta": meta, "pairs": pairs}
 
 
 def test_export_holds_flagged_pairs_with_kept_and_rejected_instances(reviewed):
@@ -88,6 +72,26 @@ def test_export_holds_flagged_pairs_with_kept_and_rejected_instances(reviewed):
     for entry in coco["images"]:
         picture = Image.open(out / entry["sam3_train"]["overlay"])
         assert picture.size == (W, H) and np.asarray(picture).std() > 0  # masks were painted
+
+
+def test_export_of_every_pair_adds_the_unflagged_ones_and_round_trips(reviewed, tmp_path):
+    """``only_flagged=False`` (the front's ``--all``): the confident "star" pair comes too, with its
+    kept instance and no flags; importing that export unedited changes nothing."""
+    image = (reviewed["image"], "png", reviewed["meta"], reviewed["pairs"])
+    stats = export_review(out_dir=tmp_path / "all", images=[image], only_flagged=False)
+    coco = json.loads((tmp_path / "all" / "review.json").read_text())
+    assert stats == {"pairs": 4, "annotations": 6, "images": 1}
+    pairs = {e["sam3_train"]["phrase"]: e for e in coco["images"]}
+    assert sorted(pairs) == ["blue star", "circle", "red square", "star"]
+    star = pairs["star"]["sam3_train"]
+    assert star["flags"] == [] and star["exhaustive"] is True
+    (kept,) = [a for a in coco["annotations"] if a["image_id"] == pairs["star"]["id"]]
+    assert kept["sam3_train"]["status"] == "kept" and kept["bbox"] == [16.0, 14.0, 6.0, 6.0]
+    without_id = lambda entries: [{k: v for k, v in e.items() if k != "id"} for e in entries]  # noqa: E731
+    assert without_id(e for e in coco["images"] if e["sam3_train"]["phrase"] != "star") == without_id(
+        reviewed["coco"]["images"])  # the flagged pairs exactly as the default export has them
+    samples, changed = import_review(coco, reviewed["samples"])
+    assert changed == [] and samples == reviewed["samples"]
 
 
 def test_import_unedited_changes_nothing(reviewed):

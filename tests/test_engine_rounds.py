@@ -2,7 +2,7 @@
 a finished run, runs killed (SIGKILL) inside every stage and re-run, finished rounds skipped, two-rank
 DDP proposing and writing every pool image exactly once, review export / import through the front.
 
-Every run here uses the same config file and a relative work dir, each in its own folder, so the
+Every run here uses the same config files and a relative work dir, each in its own folder, so the
 paths recorded in manifests are equal and whole files can be compared byte for byte.
 """
 
@@ -20,12 +20,12 @@ import pytest
 import yaml
 from conftest import SHAPES_SPLITS
 
-from sam3_train.engine import read_manifest, round_finished, shard_paths
-from sam3_train.engine.review import read_samples
+from sam3_train.engine import read_manifest, read_samples, round_finished, shard_paths
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "data_engine.py"
+ENGINE_CONFIGS = [REPO / "configs" / "shapes_tiny.yaml", REPO / "configs" / "engine" / "shapes.yaml"]
 DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 VOCABULARY = "# test vocabulary\ncircle\nred circle\nsquare\nblue star\n"
 # Thresholds for a model trained two steps (xavier init, stability offset 0.05): some instances kept,
@@ -38,30 +38,34 @@ VERIFIERS = [
 ]
 
 
-def engine_config(folder: Path, shapes_root: str) -> Path:
-    """configs/engine_shapes.yaml shrunk to a CPU smoke run on the session's shapes data."""
-    cfg = yaml.safe_load((REPO / "configs" / "engine_shapes.yaml").read_text())
-    # The thresholds below are set for a model trained two steps from the default (xavier) init; under
-    # Meta's init the top-scored queries of such a model still have empty masks, leaving nothing to check.
-    cfg["model"]["init"] = "xavier"
-    trainer = cfg["trainer"]
-    trainer.update(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
-                   default_root_dir=str(folder / "unused"))
-    for logger in trainer["logger"]:
-        if logger["class_path"].endswith("WandbLogger"):
-            logger["init_args"]["offline"] = False  # offline=True would override WANDB_MODE=disabled
-    engine = next(c for c in trainer["callbacks"] if c["class_path"].endswith("DataEngine"))["init_args"]
+def engine_config(folder: Path, shapes_root: str) -> list[str]:
+    """The ``--config`` options of the shapes engine (configs/shapes_tiny.yaml, configs/engine/shapes.yaml)
+    and a third file that shrinks it to a CPU smoke run on the session's shapes data."""
     (folder / "vocabulary.txt").write_text(VOCABULARY)
-    engine.update(work_dir="engine", rounds=1, labelled_fraction=0.5, split_shards=4, phrases="vocabulary",
-                  vocabulary=str(folder / "vocabulary.txt"), max_detections=5, stability_offset=0.05,
-                  batch_size=4, num_workers=0, verifiers=VERIFIERS)
-    engine["negatives"]["init_args"].update(fire_high=0.15, max_presence=0.6)
-    cfg["data"].update(shapes_root=shapes_root, shapes_splits=SHAPES_SPLITS, image_size=112, num_workers=0,
-                       batch_size=2, eval_batch_size=4, max_phrases_per_image=3, eval_max_phrases=2,
-                       steps_per_epoch=2)
-    path = folder / "engine.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    loggers = [  # offline=True would override WANDB_MODE=disabled
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"project": "sam3-train", "offline": False}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}},
+    ]
+    smoke = {
+        # The thresholds below are set for a model trained two steps from the default (xavier) init; under
+        # Meta's init the top-scored queries of such a model still have empty masks, leaving nothing to check.
+        "model": {"init": "xavier"},
+        "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
+                    "logger": loggers},
+        "data": {"shapes_root": shapes_root, "shapes_splits": SHAPES_SPLITS, "image_size": 112, "num_workers": 0,
+                 "batch_size": 2, "eval_batch_size": 4, "max_phrases_per_image": 3, "eval_max_phrases": 2,
+                 "steps_per_epoch": 2},
+        "engine": {"work_dir": "engine", "rounds": 1, "labelled_fraction": 0.5, "split_shards": 4,
+                   "phrases": "vocabulary", "vocabulary": str(folder / "vocabulary.txt"), "max_detections": 5,
+                   "stability_offset": 0.05, "batch_size": 4, "num_workers": 0, "verifiers": VERIFIERS,
+                   "negatives": {"class_path": "sam3_train.engine.verifiers.HardNegativeMiner",
+                                 "init_args": {"fire_low": 0.05, "fire_high": 0.15, "max_presence": 0.6,
+                                               "max_per_image": 4}}},
+    }
+    path = folder / "smoke.yaml"
+    path.write_text(yaml.safe_dump(smoke, sort_keys=False))
+    return [a for c in (*ENGINE_CONFIGS, path) for a in ("--config", str(c))]
 
 
 def run_tool(args: list[str], cwd: Path, *, kill_at: str | None = None, check: bool = True):
@@ -98,7 +102,7 @@ def finished(tmp_path_factory, shapes_root):
     """One uninterrupted run: round 0 (fit on the labelled half) and round 1 (propose, write, fit, eval)."""
     root = tmp_path_factory.mktemp("engine_rounds")
     config = engine_config(root, shapes_root)
-    _, output = run_tool(["run", "--config", str(config), "--quiet"], root / "a")
+    _, output = run_tool(["run", *config, "--quiet"], root / "a")
     return {"root": root, "config": config, "work": root / "a" / "engine", "output": output}
 
 
@@ -131,7 +135,7 @@ def test_round_killed_then_rerun_equals_the_uninterrupted_round(finished, kill_a
     run_dir = finished["root"] / f"b-{kill_at.replace(':', '-')}"
     for part in ("split", "round-000"):  # the same finished round 0: only round 1 is under test
         shutil.copytree(work_a / part, run_dir / "engine" / part)
-    args = ["run", "--config", str(finished["config"]), "--quiet"]
+    args = ["run", *finished["config"], "--quiet"]
     rc, output = run_tool(args, run_dir, kill_at=kill_at, check=False)
     assert rc == -9, output[-3000:]  # SIGKILL: no cleanup ran
     round_b = run_dir / "engine" / "round-001"
@@ -149,11 +153,11 @@ def test_round_killed_then_rerun_equals_the_uninterrupted_round(finished, kill_a
 def test_finished_rounds_are_skipped(finished):
     work = finished["work"]
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
-    _, output = run_tool(["run", "--config", str(finished["config"]), "--quiet"], work.parent)
+    _, output = run_tool(["run", *finished["config"], "--quiet"], work.parent)
     assert "round 0: finished, skipped" in output and "round 1: finished, skipped" in output
     assert "fit on" not in output and "propose with" not in output
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()} == before
-    _, output = run_tool(["status", "--config", str(finished["config"])], work.parent)
+    _, output = run_tool(["status", *finished["config"]], work.parent)
     assert "round-001: propose write fit eval done" in output
 
 
@@ -161,7 +165,7 @@ def test_review_export_then_import_changes_exactly_the_edited_labels(finished):
     run_dir = finished["root"] / "review"
     shutil.copytree(finished["work"], run_dir / "engine")
     round_dir = run_dir / "engine" / "round-001"
-    config = ["--config", str(finished["config"])]
+    config = finished["config"]
     run_tool(["export-review", *config, "--round", "1", "--out", "out"], run_dir)
     coco = json.loads((run_dir / "out" / "review.json").read_text())
     assert coco["images"] and all((run_dir / "out" / e["sam3_train"]["overlay"]).is_file() for e in coco["images"])
@@ -201,7 +205,7 @@ def test_review_export_then_import_changes_exactly_the_edited_labels(finished):
 def test_two_rank_ddp_proposes_and_writes_every_pool_image_exactly_once(tmp_path, shapes_root):
     config = engine_config(tmp_path, shapes_root)
     ddp = ["trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true"]
-    run_tool(["run", "--config", str(config), "--quiet", "--stop-after", "write", *ddp], tmp_path / "ddp")
+    run_tool(["run", *config, "--quiet", "--stop-after", "write", *ddp], tmp_path / "ddp")
     work = tmp_path / "ddp" / "engine"
     round_dir = work / "round-001"
     pool_shards = sorted(str(p.relative_to(tmp_path / "ddp")) for p in (work / "split" / "pool").glob("*.tar"))
@@ -219,7 +223,7 @@ def test_two_rank_ddp_proposes_and_writes_every_pool_image_exactly_once(tmp_path
     # Writing again with one process gives byte-identical shards: output never depends on the world size.
     ddp_bytes = {p.relative_to(round_dir): p.read_bytes() for p in round_dir.glob("shards-rank*/*")}
     (round_dir / "shards.json").unlink()
-    _, output = run_tool(["run", "--config", str(config), "--quiet", "--stop-after", "write"], tmp_path / "ddp")
+    _, output = run_tool(["run", *config, "--quiet", "--stop-after", "write"], tmp_path / "ddp")
     assert "propose with" not in output
     assert {p.relative_to(round_dir): p.read_bytes() for p in round_dir.glob("shards-rank*/*")} == ddp_bytes
 
@@ -229,7 +233,7 @@ def test_adopted_checkpoint_and_fits_from_the_previous_round(finished):
     alone; proposing with the same weights on the same pool gives the same proposals as run A."""
     work_a, run_dir = finished["work"], finished["root"] / "adopt"
     pool = str(work_a / "split" / "pool" / "pool-{000000..000003}.tar")
-    _, output = run_tool(["run", "--config", str(finished["config"]), "--quiet", "engine.labelled_fraction=null",
+    _, output = run_tool(["run", *finished["config"], "--quiet", "engine.labelled_fraction=null",
                           f"engine.checkpoint={work_a / 'round-000' / 'model.ckpt'}", f"engine.pool={pool}",
                           "engine.fit_from=previous"], run_dir)
     work = run_dir / "engine"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EngineFrame
 
 from sam3_train.engine import (
-    Candidate,
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
     HardNegativeMiner,
@@ -14,37 +14,30 @@ from sam3_train.engine import (
     StabilityVerifier,
     VerifierChain,
     candidate_from_logits,
-    mask_iou,
 )
+from sam3_train.metrics.iou import mask_iou, rowwise_mask_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 12, 16
+FRAME = EngineFrame(H, W)
+box_mask, candidate = FRAME.box_mask, FRAME.candidate
 
 
-def box_mask(x0: int, y0: int, x1: int, y1: int) -> torch.Tensor:
-    """[H, W] bool, on in rows y0:y1 and columns x0:x1."""
-    m = torch.zeros(H, W, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def candidate(scores, masks, *, loose=None, tight=None, flip=None, presence=0.9, phrase="star") -> Candidate:
-    """A hand-made pair: n instances with the given scores and [H, W] masks (loose / tight / flip default to the mask)."""
-    n = len(scores)
-    stack = lambda ms: torch.stack(ms) if n else torch.zeros(0, H, W, dtype=torch.bool)
-    masks = stack(masks)
-    return Candidate(key="00000000_img", phrase=phrase, height=H, width=W, presence=presence,
-                     scores=torch.tensor(scores, dtype=torch.float32).reshape(n),
-                     boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * n).reshape(n, 4),
-                     masks=masks, masks_loose=masks if loose is None else stack(loose),
-                     masks_tight=masks if tight is None else stack(tight),
-                     flip_masks=None if flip is False else (masks if flip is None else stack(flip)))
-
-
-def test_mask_iou_hand_computed_and_empty_is_zero():
+def test_rowwise_mask_iou_hand_computed_and_empty_is_zero():
     a = torch.stack([box_mask(0, 0, 4, 4), box_mask(0, 0, 4, 4), torch.zeros(H, W, dtype=torch.bool)])
     b = torch.stack([box_mask(0, 0, 4, 4), box_mask(2, 0, 6, 4), torch.zeros(H, W, dtype=torch.bool)])
-    assert mask_iou(a, b).tolist() == pytest.approx([1.0, 8 / 24, 0.0])
+    assert rowwise_mask_iou(a, b).tolist() == pytest.approx([1.0, 8 / 24, 0.0])
+
+
+def test_rowwise_mask_iou_is_the_diagonal_of_the_pairwise_one():
+    """The verifiers' row-wise IoU (int32 sums, float32) and the pairwise one of cgF1 and flip matching
+    (pycocotools' arithmetic) agree on every pair of rows, empty masks included."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(6, H, W, generator=gen) > 0.6, torch.rand(6, H, W, generator=gen) > 0.4
+    a[0], b[0], b[1] = False, False, False  # both empty; one empty
+    pairwise = mask_iou(a, b)
+    assert pairwise.shape == (6, 6) and pairwise.dtype == torch.float64
+    assert torch.equal(rowwise_mask_iou(a, b), pairwise.diagonal().float())
 
 
 def test_score_verifier_drops_low_scores():
@@ -128,7 +121,7 @@ def test_candidate_from_logits_sorts_thresholds_and_matches_flip_masks():
     assert torch.equal(c.masks[1], box_mask(0, 0, 5, 5))  # the 0.5 ring is in the 0-logit mask
     # flip masks follow the instances after sorting (the flip run lists a first): b's flip mask has
     # the +0.5 ring (36 px against 16), a's is its own mask
-    assert mask_iou(c.masks, c.flip_masks).tolist() == pytest.approx([16 / 36, 1.0])
+    assert rowwise_mask_iou(c.masks, c.flip_masks).tolist() == pytest.approx([16 / 36, 1.0])
 
 
 def pair(phrase, scores, *, presence, keep_min=0.5):

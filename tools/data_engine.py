@@ -1,15 +1,19 @@
 """The data engine's front: pseudo-labelling rounds, their status, and human review.
 
-    python tools/data_engine.py run --config configs/engine_shapes.yaml
-    python tools/data_engine.py run --config configs/engine_shapes.yaml --stop-after write   # then review
-    python tools/data_engine.py status --config configs/engine_shapes.yaml
-    python tools/data_engine.py export-review --config configs/engine_shapes.yaml --round 1 --out review/r1
-    python tools/data_engine.py import-review --config configs/engine_shapes.yaml --round 1 --review review/r1/review.json
+    C="--config configs/shapes_tiny.yaml --config configs/engine/shapes.yaml"
+    python tools/data_engine.py run $C
+    python tools/data_engine.py run $C --stop-after write          # then review
+    python tools/data_engine.py status $C
+    python tools/data_engine.py export-review $C --round 1 --out review/r1
+    python tools/data_engine.py import-review $C --round 1 --review review/r1/review.json
 
-Overrides follow the options as ``key=value`` (OmegaConf dot-list; ``engine.<name>`` sets a
-DataEngine setting): ``run --config c.yaml trainer.max_steps=100 engine.rounds=1``. Under DDP every
-rank runs this same command (``trainer.devices=2`` launches the second process itself; torchrun and
-SLURM start them). Killed at any point, the same command finishes the round (docs/data_engine.md).
+An engine config is a sam3-train config plus an ``engine:`` section (the DataEngine settings),
+usually the base config and an overlay holding that section; the files are read in order by the
+sam3-train CLI's parser (a later file replaces an earlier one's values, lists whole). Overrides
+follow the options as ``key=value`` (``engine.<name>`` for a DataEngine setting, values parsed by
+type): ``run $C trainer.max_steps=100 engine.rounds=1``. Under DDP every rank runs this same command
+(``trainer.devices=2`` launches the second process itself; torchrun and SLURM start them). Killed at
+any point, the same command finishes the round (docs/data_engine.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ try:
 except ImportError:  # a checkout without installing; appended, not first: datasets/ must not shadow HF datasets
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from sam3_train.engine import dist  # noqa: E402
-from sam3_train.engine.config import load_config  # noqa: E402
-from sam3_train.engine.rounds import METRICS, PROPOSED, STAGES, WRITTEN, Engine, round_dir_name  # noqa: E402
+from sam3_train.dist import launch  # noqa: E402
+from sam3_train.engine.manifest import MANIFEST, METRICS, MODEL, PROPOSED, WRITTEN, round_dir_name  # noqa: E402
+from sam3_train.engine.rounds import STAGES, Engine  # noqa: E402
+from sam3_train.engine.settings import load_config  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", required=True, help="engine config (a sam3-train config with a DataEngine entry)")
+        p.add_argument("--config", required=True, action="append",
+                       help="a sam3-train config; repeat it: later files override earlier ones, and one of them "
+                            "holds the engine: section (configs/shapes_tiny.yaml, then configs/engine/shapes.yaml)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides (engine.<name> for engine settings)")
         return p
 
-    run = command("run", "run rounds until settings.rounds are finished")
+    run = command("run", "run rounds until engine.rounds are finished")
     run.add_argument("--stop-after", choices=STAGES, help="stop after this stage of the first unfinished round")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     command("status", "print every round's stages and metrics")
@@ -59,8 +66,8 @@ def _status(settings) -> None:
     print(f"work dir {work}")
     for index in range(settings.rounds + 1):
         d = work / round_dir_name(index)
-        stages = [name for name, marker in (("propose", PROPOSED), ("write", WRITTEN), ("fit", "model.ckpt"),
-                                            ("eval", METRICS), ("done", "manifest.json")) if (d / marker).is_file()]
+        stages = [name for name, marker in (("propose", PROPOSED), ("write", WRITTEN), ("fit", MODEL),
+                                            ("eval", METRICS), ("done", MANIFEST)) if (d / marker).is_file()]
         line = f"  {d.name}: {' '.join(stages) or 'not started'}"
         if (d / METRICS).is_file():
             test = json.loads((d / METRICS).read_text())["test"]
@@ -70,24 +77,25 @@ def _status(settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    cfg, settings = load_config(args.config, args.overrides)
+    try:
+        cfg, settings = load_config(args.config, args.overrides)
+    except (argparse.ArgumentError, FileNotFoundError, ValueError) as exn:
+        sys.exit(f"data_engine.py {args.command}: {exn}")
     if args.command == "run":
-        trainer = cfg.get("trainer", {})
-        dist.launch(accelerator=trainer.get("accelerator", "auto"), devices=trainer.get("devices", "auto"),
-                    num_nodes=trainer.get("num_nodes", 1))
-        Engine(cfg=cfg, settings=settings, config_path=args.config, progress=not args.quiet).run(
-            stop_after=args.stop_after)
+        trainer = cfg["trainer"]
+        launch(accelerator=trainer["accelerator"], devices=trainer["devices"], num_nodes=trainer["num_nodes"])
+        Engine(cfg=cfg, settings=settings, configs=args.config, progress=not args.quiet).run(stop_after=args.stop_after)
     elif args.command == "status":
         _status(settings)
     elif args.command == "export-review":
-        from sam3_train.engine.round_review import export_round
+        from sam3_train.engine.review import export_round
 
         counts = export_round(round_dir=Path(settings.work_dir) / round_dir_name(args.round), settings=settings,
                               out_dir=args.out, only_flagged=not args.all, min_score=args.min_score)
         print(f"review set: {counts['pairs']} pairs, {counts['annotations']} annotations, {counts['images']} "
               f"images in {args.out} (edit {args.out}/review.json, then import-review)")
     elif args.command == "import-review":
-        from sam3_train.engine.round_review import import_round
+        from sam3_train.engine.review import import_round
 
         result = import_round(round_dir=Path(settings.work_dir) / round_dir_name(args.round), review=args.review,
                               max_count=settings.max_count)

@@ -1,16 +1,27 @@
-"""The data engine (docs/data_engine.md, issue 6).
+"""The data engine (docs/data_engine.md): pseudo-labelling rounds that grow a training set.
 
-Exported here, the pure parts: candidate records, verifiers, hard-negative mining, shard writing,
-the round manifest and human review. The round loop lives beside them and imports Lightning:
-``proposals`` (the DDP propose step), ``labelling`` (verify + write one proposer's images),
-``sources`` (phrase sources, the labelled / pool split, weighted training mixes), ``training``
-(a round's fit and evaluation through ``Sam3CLI``), ``rounds`` (``Engine``: stages, markers,
-resumption), ``round_review`` (review export / import on a round directory), ``settings`` and
-``config`` (the ``DataEngine`` settings inside a ``sam3-train`` config), ``dist`` (the process group).
-Front: ``tools/data_engine.py``.
+One module per concept, in the order a round uses them:
+
+    settings.py       DataEngine (the engine's settings block) and reading an engine config through
+                      the sam3-train CLI's parser; each round's fit config (paths under the round)
+    sources.py        reading shard samples; phrase sources; the labelled / pool split; weighted mixes
+    proposals.py      the propose step under DDP: pool batches, detector + flip TTA through
+                      model.postprocess, each rank's proposals file
+    candidates.py     Candidate (one pair's proposals in original pixels) and its JSON record / index
+    verifiers.py      the verifier chain, its verdicts, hard-negative mining
+    pseudo_labels.py  verified candidates -> pseudo-labelled samples -> a rank's shards
+    review.py         human review: COCO export of flagged pairs, import of the corrections
+    training.py       a round's fit and held-out evaluation through Sam3CLI
+    manifest.py       the round directory: file names, stage markers, kill points, the manifest
+    rounds.py         Engine: the round loop, stages, resumption
+    audit.py          pseudo-label quality against withheld labels
+
+Mask IoU lives in ``sam3_train.metrics.iou``, rank and world size and the collectives in
+``sam3_train.dist``. Exported here, the parts that need no Lightning: candidates, verifiers, shard
+writing, the manifest, review and the sample reader. Front: ``tools/data_engine.py``.
 """
 
-from sam3_train.engine.candidates import Candidate, candidate_from_logits, mask_iou
+from sam3_train.engine.candidates import Candidate, candidate_from_logits
 from sam3_train.engine.manifest import (
     clean_unfinished,
     finalize_round,
@@ -18,11 +29,13 @@ from sam3_train.engine.manifest import (
     round_finished,
     shard_paths,
 )
-from sam3_train.engine.negatives import HardNegativeMiner
-from sam3_train.engine.review import export_review, import_review, read_samples
+from sam3_train.engine.pseudo_labels import RoundWriter, pseudo_sample
+from sam3_train.engine.review import export_review, import_review
+from sam3_train.engine.sources import read_samples
 from sam3_train.engine.verifiers import (
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
+    HardNegativeMiner,
     ScoreVerifier,
     StabilityVerifier,
     Verdict,
@@ -30,7 +43,6 @@ from sam3_train.engine.verifiers import (
     Verifier,
     VerifierChain,
 )
-from sam3_train.engine.writer import RoundWriter, pseudo_sample
 
 __all__ = [
     "Candidate",
@@ -46,10 +58,9 @@ __all__ = [
     "VerifierChain",
     "candidate_from_logits",
     "clean_unfinished",
-    "export_review",
     "finalize_round",
+    "export_review",
     "import_review",
-    "mask_iou",
     "pseudo_sample",
     "read_manifest",
     "read_samples",

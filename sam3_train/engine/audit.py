@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from sam3_train.data import rle as rle_ops
-from sam3_train.engine.candidates import pairwise_mask_iou
-from sam3_train.engine.review import read_samples
+from sam3_train.engine.candidates import masks_of
+from sam3_train.engine.sources import read_samples
+from sam3_train.metrics.iou import mask_iou
 
 MATCH_IOU = 0.5
 
 
 def _masks(instances: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
-    return torch.from_numpy(rle_ops.decode_many([i["rle"] for i in instances], height, width).astype(bool))
+    return masks_of([i["rle"] for i in instances], height, width)
 
 
 def matched_instances(predicted: torch.Tensor, true: torch.Tensor, min_iou: float = MATCH_IOU) -> int:
@@ -36,7 +36,7 @@ def matched_instances(predicted: torch.Tensor, true: torch.Tensor, min_iou: floa
         return 0
     free = torch.ones(len(true), dtype=torch.bool)
     hits = 0
-    for row in pairwise_mask_iou(predicted, true):
+    for row in mask_iou(predicted, true):
         candidates = torch.where(free & (row >= min_iou), row, -1.0)
         j = int(candidates.argmax())
         if candidates[j] >= 0:

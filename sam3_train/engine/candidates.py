@@ -1,20 +1,30 @@
 """The candidate record: what the detector proposes for one (image, phrase) pair, ready to verify.
 
 Everything is in the image's original pixels (the frame of the sample's json ``width`` x ``height``),
-so verifiers and writers never need the model's input frame. The propose step fills one record per
-pair from ``Sam3Detector`` outputs (``pred_logits [P, Q]``, ``presence_logit [P]``, ``pred_boxes
-[P, Q, 4]`` normalised cxcywh, ``pred_masks [P, Q, h, w]`` logits): keep the queries whose score
-passes a floor, map boxes to pixels and mask logits to the original size (as ``model.postprocess``
-does), run the horizontally flipped image the same way (with the phrase passed through
-``data.phrases.swap_left_right``: "left shoe" is a right shoe in the mirror), flip its mask logits
-back along the width, and call :func:`candidate_from_logits`.
+so verifiers and writers never need the model's input frame. The propose step (proposals.py) gets
+each pair's detections from ``model.postprocess`` (boxes in pixels, mask logits at the original
+size), does the same for the horizontally flipped image (with the phrase passed through
+``data.phrases.swap_left_right``: "left shoe" is a right shoe in the mirror), flips those mask logits
+back along the width, and calls :func:`candidate_from_logits`.
+
+On disk a candidate is one JSON object (:func:`candidate_record`, masks as COCO RLE at the original
+size), an image one line of a proposals file; :func:`record_candidates` reads an image's record back
+bit for bit, :class:`ProposalIndex` finds it by sample key.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from sam3_train.data import rle as rle_ops
+from sam3_train.metrics.iou import mask_iou
 
 STABILITY_OFFSET = 1.0  # logits: masks at -1 and +1 (sigmoid 0.27 and 0.73) bracket the 0.5 mask
 
@@ -76,23 +86,6 @@ class Candidate:
         return float(self.scores.max()) if self.num_instances else 0.0
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise IoU of two [n, H, W] bool stacks -> [n] float32; 0.0 where both masks are empty
-    (an empty mask is no object, so it must never count as stable or consistent)."""
-    # int32 sums: torch sums bools in int64 by default, ~9x slower (this runs on every candidate).
-    inter = (a & b).flatten(1).sum(1, dtype=torch.int32).float()
-    union = (a | b).flatten(1).sum(1, dtype=torch.int32).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
-
-
-def pairwise_mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n, H, W] bool x [m, H, W] bool -> [n, m] float32 IoU (0.0 for two empty masks)."""
-    fa, fb = a.flatten(1).float(), b.flatten(1).float()
-    inter = fa @ fb.T  # (n, m)
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
-
-
 def match_flip_masks(masks: torch.Tensor, flip_masks: torch.Tensor) -> torch.Tensor:
     """For each of n masks, the flip-run mask (of m) it overlaps most -> [n, H, W] bool.
 
@@ -101,7 +94,7 @@ def match_flip_masks(masks: torch.Tensor, flip_masks: torch.Tensor) -> torch.Ten
     """
     if flip_masks.shape[0] == 0 or masks.shape[0] == 0:
         return torch.zeros_like(masks)
-    best = pairwise_mask_iou(masks, flip_masks).argmax(dim=1)  # (n,)
+    best = mask_iou(masks, flip_masks).argmax(dim=1)  # (n,)
     return flip_masks[best]
 
 
@@ -141,3 +134,69 @@ def candidate_from_logits(
         masks=masks, masks_loose=logits > -stability_offset, masks_tight=logits > stability_offset,
         flip_masks=flip,
     )
+
+
+# ------------------------------------------------------------------------------------------ on disk
+def rles_of(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """[n, H, W] bool -> n COCO RLEs (``counts`` as str)."""
+    return [rle_ops.encode(m) for m in masks.numpy().astype(np.uint8)]
+
+
+def masks_of(rles: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
+    """n COCO RLEs -> [n, H, W] bool (n may be 0)."""
+    return torch.from_numpy(np.ascontiguousarray(rle_ops.decode_many(rles, height, width))).bool()
+
+
+def candidate_record(c: Candidate, dropped: int = 0) -> dict[str, Any]:
+    """A Candidate as JSON (float32 values written exactly: a float32 is a double exactly).
+
+    ``dropped``: detections above the floor beyond ``max_detections`` (such a pair cannot be exhaustive).
+    """
+    return {"phrase": c.phrase, "presence": c.presence, "scores": c.scores.tolist(), "boxes": c.boxes.tolist(),
+            "masks": rles_of(c.masks), "loose": rles_of(c.masks_loose), "tight": rles_of(c.masks_tight),
+            "flip": None if c.flip_masks is None else rles_of(c.flip_masks), "dropped": int(dropped)}
+
+
+def record_candidates(record: dict[str, Any]) -> list[tuple[Candidate, int]]:
+    """(Candidate, dropped) of every pair of one image record ``{"key", "height", "width", "pairs"}``:
+    the inverse of :func:`candidate_record`."""
+    key, height, width = record["key"], int(record["height"]), int(record["width"])
+    out = []
+    for pair in record["pairs"]:
+        n = len(pair["scores"])
+        flip = None if pair["flip"] is None else masks_of(pair["flip"], height, width)
+        c = Candidate(key=key, phrase=pair["phrase"], height=height, width=width, presence=float(pair["presence"]),
+                      scores=torch.tensor(pair["scores"], dtype=torch.float32).reshape(n),
+                      boxes=torch.tensor(pair["boxes"], dtype=torch.float32).reshape(n, 4),
+                      masks=masks_of(pair["masks"], height, width), masks_loose=masks_of(pair["loose"], height, width),
+                      masks_tight=masks_of(pair["tight"], height, width), flip_masks=flip)
+        out.append((c, int(pair.get("dropped", 0))))
+    return out
+
+
+class ProposalIndex:
+    """Random access to one rank's proposals file by sample key (an offset per key, records parsed
+    on demand: a rank's proposals need not fit in memory)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offsets: dict[str, int] = {}
+        with open(self.path, "rb") as f:
+            offset = 0
+            for line in f:
+                key = json.loads(line)["key"]
+                if key in self.offsets:
+                    raise ValueError(f"{self.path}: sample {key} proposed twice")
+                self.offsets[key] = offset
+                offset += len(line)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def get(self, key: str) -> dict[str, Any]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[key])
+            return json.loads(f.readline())

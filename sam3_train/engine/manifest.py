@@ -1,6 +1,18 @@
-"""The round manifest: written last and atomically, it is what makes a round directory finished.
+"""The round directory: its file names, the stage markers, and the manifest that finishes a round.
 
-``round_dir/manifest.json`` (keys sorted, no timestamps: the same inputs give the same bytes)::
+::
+
+    {work_dir}/round-001/                        round_dir_name(1)
+      proposals-rank000/proposals.jsonl, summary.json     proposals_dir_name(r), PROPOSALS, SUMMARY
+      proposals.json                             PROPOSED: the propose stage's marker
+      shards-rank000/pseudo-000000.tar ...       shards_dir_name(r)
+      shards.json                                WRITTEN: the write stage's marker
+      fit-config.yaml, fit/, fit-info.json       FIT_CONFIG, FIT_INFO
+      model.ckpt                                 MODEL: the fit stage's marker
+      metrics.json                               METRICS: the evaluate stage's marker
+      manifest.json                              MANIFEST: written last, the round is finished
+
+``manifest.json`` (keys sorted, no timestamps: the same inputs give the same bytes)::
 
     {"format": 1,
      "inputs": {...},                                  # pool shards, phrase source, config: the caller's
@@ -15,7 +27,8 @@
 
 After every rank has renamed its folder (a barrier), rank 0 calls :func:`finalize_round`.
 :func:`round_finished` tells a re-run to skip the round; :func:`clean_unfinished` removes what a
-killed run left so the round can be written again.
+killed run left so the round can be written again. :func:`fault_point` kills the process at a named
+point of a stage, so that tests can interrupt a round exactly there.
 """
 
 from __future__ import annotations
@@ -24,17 +37,39 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from sam3_train.dist import is_rank_zero
+
 FORMAT = 1
-SUMMARY = "summary.json"  # per-rank summary inside each shards-rankNNN folder (writer.py)
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # what is being written; renamed into place when complete
+SUMMARY = "summary.json"  # per-rank summary inside each proposals-rankNNN and shards-rankNNN folder
+PROPOSALS = "proposals.jsonl"  # one line per image, inside proposals-rankNNN (proposals.py)
+# The stages' markers (written last by each stage, in this order) and the fit's other files.
+PROPOSED = "proposals.json"
+WRITTEN = "shards.json"
+MODEL = "model.ckpt"
+METRICS = "metrics.json"
+MANIFEST = "manifest.json"
+FIT_CONFIG = "fit-config.yaml"
+FIT_INFO = "fit-info.json"
+KILL_ENV = "SAM3_ENGINE_KILL_AT"  # fault injection for the resumability tests: "<point>" or "<point>:<n>"
+_hits: dict[str, int] = {}
 
 
-def rank_dir_name(rank: int) -> str:
-    """The folder of one rank's shards inside a round directory."""
+def round_dir_name(index: int) -> str:
+    return f"round-{index:03d}"
+
+
+def proposals_dir_name(rank: int) -> str:
+    """The folder of the proposals of one rank of the propose step."""
+    return f"proposals-rank{rank:03d}"
+
+
+def shards_dir_name(rank: int) -> str:
+    """The folder of the shards written from one rank's proposals."""
     return f"shards-rank{rank:03d}"
 
 
@@ -63,6 +98,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON file's content, or None when it is missing or not valid JSON (a marker not yet written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON (sorted keys) to ``path.tmp``, fsync, then os.replace onto ``path``:
     readers see the old file or the whole new one, never a part."""
@@ -84,7 +127,7 @@ def merge_summaries(round_dir: str | os.PathLike, world_size: int) -> dict[str, 
     round_dir = Path(round_dir)
     counts, shards = empty_counts(), {}
     for rank in range(world_size):
-        summary_path = round_dir / rank_dir_name(rank) / SUMMARY
+        summary_path = round_dir / shards_dir_name(rank) / SUMMARY
         if not summary_path.is_file():
             raise FileNotFoundError(f"{summary_path} is missing: rank {rank} did not finish writing its shards; "
                                     "run the round again")
@@ -141,15 +184,11 @@ def finalize_round(
 
 def read_manifest(round_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest, or None when it is missing or not valid JSON."""
-    path = Path(round_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_json(Path(round_dir) / MANIFEST)
 
 
 def shard_paths(round_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
-    """Every shard of a finished round, rank by rank, as paths."""
+    """Every shard a round's manifest (or its write stage's ``shards.json``) lists, rank by rank, as paths."""
     return [str(Path(round_dir) / s["path"]) for r in sorted(manifest["shards"], key=int) for s in manifest["shards"][r]]
 
 
@@ -186,3 +225,18 @@ def clean_unfinished(round_dir: str | os.PathLike) -> list[str]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed
+
+
+def fault_point(name: str) -> None:
+    """Kill this process (SIGKILL: no cleanup, no ``finally``) when ``$SAM3_ENGINE_KILL_AT`` names
+    this point, optionally at its n-th visit (``write:3``). Only rank 0 dies; its DDP peers then fail
+    at their next collective, as after a real crash. Tests use it to interrupt a round exactly there."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or not is_rank_zero():
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

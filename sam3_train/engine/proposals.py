@@ -8,10 +8,11 @@
 dataset gets no sampler from Lightning), asking each image the phrase source's phrases.
 ``ProposeModule`` runs the detector once per batch (every image encoded once for all of its
 phrases), and again on the horizontally flipped batch ("left" and "right" swapped in the phrases),
-and turns each pair into a :class:`~sam3_train.engine.candidates.Candidate`: detections above a
-score floor, boxes in original pixels, masks at logits 0, -offset and +offset, flip masks matched
-back. ``ProposalWriter`` writes each rank's records as JSON lines into
-``proposals-rankNNN.tmp/``, renames the folder when the rank is done, then waits at a barrier.
+and turns each pair into a :class:`~sam3_train.engine.candidates.Candidate` through
+``model.postprocess`` (the path evaluation and prediction take): detections above a score floor,
+boxes in original pixels, masks at logits 0, -offset and +offset, flip masks matched back.
+``ProposalWriter`` writes each rank's records as JSON lines into ``proposals-rankNNN.tmp/``, renames
+the folder when the rank is done, then waits at a barrier (``candidates.ProposalIndex`` reads them).
 
 A record (one line per image; masks as COCO RLE at the original size)::
 
@@ -32,32 +33,31 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from sam3_train.box_ops import cxcywh_to_xyxy
-from sam3_train.data import rle as rle_ops
 from sam3_train.data.batch import Batch
 from sam3_train.data.collate import Collator
 from sam3_train.data.phrases import swap_left_right
 from sam3_train.data.pipeline import ShardStream, SkipCounter, split_by_rank
 from sam3_train.data.shards import expand_urls
+from sam3_train.data.tokenizer import Sam3Tokenizer
 from sam3_train.data.transforms import eval_transforms
-from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_from_logits
-from sam3_train.engine.dist import fault_point
-from sam3_train.engine.manifest import SUMMARY, TMP_SUFFIX, file_sha256, write_json_atomic
-from sam3_train.model.postprocess import detection_scores
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.dist import rank_and_world
+from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_from_logits, candidate_record
+from sam3_train.engine.manifest import (
+    PROPOSALS,
+    SUMMARY,
+    TMP_SUFFIX,
+    fault_point,
+    file_sha256,
+    proposals_dir_name,
+    write_json_atomic,
+)
+from sam3_train.model.postprocess import detection_scores, postprocess
 
 log = logging.getLogger(__name__)
-PROPOSALS = "proposals.jsonl"
-
-
-def proposals_dir_name(rank: int) -> str:
-    return f"proposals-rank{rank:03d}"
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -96,9 +96,13 @@ class ProposeData(L.LightningDataModule):
                  batch_size: int = 4, num_workers: int = 1, square_resize: bool = True,
                  tokenizer_path: str | None = None):
         super().__init__()
-        self.pool, self.phrases = pool, phrases
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.square_resize, self.tokenizer_path = square_resize, tokenizer_path
+        self.pool = pool
+        self.phrases = phrases
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.square_resize = square_resize
+        self.tokenizer_path = tokenizer_path
         self.skip_counter = SkipCounter()
         self.urls: list[str] = []
         self._tokenizer = None
@@ -107,20 +111,15 @@ class ProposeData(L.LightningDataModule):
         self.urls = expand_urls(self.pool)  # a pattern that matches nothing fails here, naming it
         if self._tokenizer is None:
             self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(self.tokenizer_path)
-        rank, world = self.rank_and_world
+        _, world = rank_and_world(self.trainer)
         if len(self.urls) < world * max(1, self.num_workers):
             log.warning("pool has %d shards for %d ranks x %d workers: some read nothing",
                         len(self.urls), world, max(1, self.num_workers))
 
     @property
-    def rank_and_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
-
-    @property
     def rank_urls(self) -> list[str]:
         """The pool shards this rank reads (the stream's own split: no shuffling in prediction)."""
-        rank, world = self.rank_and_world
+        rank, world = rank_and_world(self.trainer)
         return split_by_rank(list(self.urls), rank, world)
 
     @property
@@ -128,7 +127,7 @@ class ProposeData(L.LightningDataModule):
         return self.skip_counter.value
 
     def predict_dataloader(self) -> DataLoader:
-        rank, world = self.rank_and_world
+        rank, world = rank_and_world(self.trainer)
         stream = ShardStream(
             urls=self.urls, batch_size=self.batch_size,
             transforms=eval_transforms(image_size=self.image_size, square=self.square_resize),
@@ -140,18 +139,6 @@ class ProposeData(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------------ model
-def logits_to_original(logits: torch.Tensor, side: int, content: tuple[int, int],
-                       original: tuple[int, int]) -> torch.Tensor:
-    """[n, h, w] mask logits -> [n, H, W] float logits at the original size: the mapping of
-    ``model.postprocess`` (input frame, crop the content, resize), kept as logits so that one
-    upsampling serves the three thresholds."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros((0, *original), dtype=torch.float32)
-    full = F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
-    full = full[:, :, : content[0], : content[1]]
-    return F.interpolate(full, size=original, mode="bilinear", align_corners=False)[:, 0]
-
-
 def flip_batch(batch: Batch, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Batch:
     """The batch mirrored left-right: each image's content (top-left h x w) flipped in place within
     the padding, exemplar boxes mirrored, tokens of the left/right-swapped phrases."""
@@ -168,12 +155,6 @@ def flip_batch(batch: Batch, input_ids: torch.Tensor, attention_mask: torch.Tens
                                exemplar_boxes=boxes)
 
 
-def _select(scores: torch.Tensor, min_score: float, max_detections: int) -> tuple[torch.Tensor, int]:
-    order = scores.argsort(descending=True, stable=True)
-    above = order[scores[order] >= min_score]
-    return above[:max_detections], int(max(0, above.numel() - max_detections))
-
-
 @torch.no_grad()
 def batch_candidates(outputs: dict[str, Any], batch: Batch, *, flip_outputs: dict[str, Any] | None = None,
                      min_score: float = 0.05, max_detections: int = 100,
@@ -182,35 +163,24 @@ def batch_candidates(outputs: dict[str, Any], batch: Batch, *, flip_outputs: dic
 
     ``outputs`` / ``flip_outputs``: detector outputs (``pred_logits [P, Q]``, ``pred_boxes [P, Q, 4]``
     normalised cxcywh of the padded input, ``pred_masks [P, Q, h, w]`` logits, ``presence_logit [P]``)
-    of the batch and of ``flip_batch(batch)``. Boxes go to original pixels xyxy as in
-    ``model.postprocess``; flip-run masks are flipped back along the width at the original size.
+    of the batch and of ``flip_batch(batch)``, both through ``model.postprocess``; flip-run mask
+    logits are flipped back along the width at the original size.
     """
-    scores = detection_scores(outputs)  # [P, Q]
-    flip_scores = detection_scores(flip_outputs) if flip_outputs is not None else None
-    presence = outputs["presence_logit"].sigmoid()
-    side = batch.images.shape[-1]
-    sizes = batch.original_sizes if batch.original_sizes is not None else batch.image_sizes
+    settings = dict(original_sizes=batch.original_sizes, score_threshold=min_score, max_detections=max_detections,
+                    mask_logits=True)
+    detections = postprocess(outputs, batch, **settings)
+    flips = postprocess(flip_outputs, batch, **settings) if flip_outputs is not None else None
+    above = (detection_scores(outputs) >= min_score).sum(1).tolist()  # [P] detections above the floor
     result = []
-    for p in range(scores.shape[0]):
+    for p, found in enumerate(detections):
         image = int(batch.pair_image[p])
-        (h, w), (height, width) = batch.image_sizes[image].tolist(), sizes[image].tolist()
-        keep, dropped = _select(scores[p], min_score, max_detections)
-        boxes = cxcywh_to_xyxy(outputs["pred_boxes"][p, keep].float()) * side
-        boxes = boxes * boxes.new_tensor([width / w, height / h, width / w, height / h])
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        logits = logits_to_original(outputs["pred_masks"][p, keep], side, (h, w), (height, width))
-        flip_logits = None
-        if flip_outputs is not None:
-            fkeep, _ = _select(flip_scores[p], min_score, max_detections)
-            flip_logits = logits_to_original(flip_outputs["pred_masks"][p, fkeep], side, (h, w), (height, width))
-            flip_logits = flip_logits.flip(-1).cpu()
+        flip_logits = None if flips is None else flips[p]["mask_logits"].flip(-1).cpu()
         candidate = candidate_from_logits(
-            key=batch.keys[image], phrase=batch.phrases[p], presence=float(presence[p]),
-            scores=scores[p, keep].float().cpu(), boxes=boxes.cpu(), mask_logits=logits.cpu(),
+            key=batch.keys[image], phrase=batch.phrases[p], presence=float(found["presence"]),
+            scores=found["scores"].float().cpu(), boxes=found["boxes"].cpu(), mask_logits=found["mask_logits"].cpu(),
             flip_mask_logits=flip_logits, stability_offset=stability_offset,
         )
-        result.append((candidate, dropped))
+        result.append((candidate, above[p] - candidate.num_instances))
     return result
 
 
@@ -236,7 +206,9 @@ class ProposeModule(L.LightningModule):
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
         self.detector = Sam3LitModule.load_from_checkpoint(checkpoint, map_location="cpu").detector
-        self.flip_tta, self.min_score, self.max_detections = flip_tta, min_score, max_detections
+        self.flip_tta = flip_tta
+        self.min_score = min_score
+        self.max_detections = max_detections
         self.stability_offset = stability_offset
         self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(tokenizer_path) if flip_tta else None
 
@@ -270,66 +242,7 @@ class ProposeModule(L.LightningModule):
         return records
 
 
-# ------------------------------------------------------------------------------------------ records
-def _rles(masks: torch.Tensor) -> list[dict[str, Any]]:
-    return [rle_ops.encode(m) for m in masks.numpy().astype(np.uint8)]
-
-
-def _masks(rles: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rle_ops.decode_many(rles, height, width))).bool()
-
-
-def candidate_record(c: Candidate, dropped: int = 0) -> dict[str, Any]:
-    """A Candidate as JSON (float32 values written exactly: a float32 is a double exactly)."""
-    return {"phrase": c.phrase, "presence": c.presence, "scores": c.scores.tolist(), "boxes": c.boxes.tolist(),
-            "masks": _rles(c.masks), "loose": _rles(c.masks_loose), "tight": _rles(c.masks_tight),
-            "flip": None if c.flip_masks is None else _rles(c.flip_masks), "dropped": int(dropped)}
-
-
-def record_candidates(record: dict[str, Any]) -> list[tuple[Candidate, int]]:
-    """(Candidate, dropped) of every pair of one image record: the inverse of :func:`candidate_record`."""
-    key, height, width = record["key"], int(record["height"]), int(record["width"])
-    out = []
-    for pair in record["pairs"]:
-        n = len(pair["scores"])
-        flip = None if pair["flip"] is None else _masks(pair["flip"], height, width)
-        c = Candidate(key=key, phrase=pair["phrase"], height=height, width=width, presence=float(pair["presence"]),
-                      scores=torch.tensor(pair["scores"], dtype=torch.float32).reshape(n),
-                      boxes=torch.tensor(pair["boxes"], dtype=torch.float32).reshape(n, 4),
-                      masks=_masks(pair["masks"], height, width), masks_loose=_masks(pair["loose"], height, width),
-                      masks_tight=_masks(pair["tight"], height, width), flip_masks=flip)
-        out.append((c, int(pair.get("dropped", 0))))
-    return out
-
-
-class ProposalIndex:
-    """Random access to one rank's proposals file by sample key (an offset per key, records parsed
-    on demand: a rank's proposals need not fit in memory)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.offsets: dict[str, int] = {}
-        with open(self.path, "rb") as f:
-            offset = 0
-            for line in f:
-                key = json.loads(line)["key"]
-                if key in self.offsets:
-                    raise ValueError(f"{self.path}: sample {key} proposed twice")
-                self.offsets[key] = offset
-                offset += len(line)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def get(self, key: str) -> dict[str, Any]:
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[key])
-            return json.loads(f.readline())
-
-
+# ------------------------------------------------------------------------------------------ files
 class ProposalWriter(BasePredictionWriter):
     """Each rank writes ``{round_dir}/proposals-rankNNN/`` (``proposals.jsonl`` + ``summary.json``:
     the pool shards it read, counts, the file's sha256) under a ``.tmp`` name, renamed when the rank

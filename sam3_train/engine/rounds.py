@@ -1,7 +1,8 @@
 """The round loop: propose -> verify + write -> fit -> evaluate, round after round, resumable.
 
-    engine = Engine(cfg=cfg, settings=settings, config_path="configs/engine_shapes.yaml")
-    engine.run()                        # every rank runs this (dist.launch first)
+    cfg, settings = load_config(["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"])   # settings.py
+    engine = Engine(cfg=cfg, settings=settings, configs=["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"])
+    engine.run()                        # every rank runs this (sam3_train.dist.launch first)
 
 ``{work_dir}/round-000`` trains on the labelled set alone (or adopts ``settings.checkpoint``);
 round k >= 1 proposes on the pool with round k-1's model. Each stage ends in one file, written
@@ -32,57 +33,55 @@ from typing import Any
 
 import lightning as L
 
-from sam3_train.engine import dist
-from sam3_train.engine.config import device_kwargs, init_args, round_fit_config, write_config
-from sam3_train.engine.labelling import write_rank
+from sam3_train.dist import barrier, is_rank_zero, on_rank_zero, rank_and_world
 from sam3_train.engine.manifest import (
+    FIT_CONFIG,
+    FIT_INFO,
     MANIFEST,
+    METRICS,
+    MODEL,
+    PROPOSED,
     SUMMARY,
+    WRITTEN,
     add_counts,
     checkpoint_entry,
     empty_counts,
+    fault_point,
     file_sha256,
     finalize_round,
     merge_summaries,
+    proposals_dir_name,
+    read_json,
     read_manifest,
+    round_dir_name,
     round_finished,
+    shard_paths,
     write_json_atomic,
 )
-from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule, proposals_dir_name
-from sam3_train.engine.settings import DataEngine
+from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule
+from sam3_train.engine.pseudo_labels import write_rank
+from sam3_train.engine.settings import DataEngine, round_fit_config, trainer_kwargs, write_config
 from sam3_train.engine.sources import (
-    labelled_phrases,
+    labelled_set_phrases,
     read_vocabulary,
     resolve,
     split_labelled_pool,
     weighted_shards,
 )
-from sam3_train.engine.training import FIT_CONFIG, MODEL, evaluate, fit_round, log_round
+from sam3_train.engine.training import evaluate, fit_round, log_round
 
 log = logging.getLogger(__name__)
-PROPOSED, WRITTEN, FIT_INFO, METRICS = "proposals.json", "shards.json", "fit-info.json", "metrics.json"
 STAGES = ("propose", "write", "fit", "eval")
 
 
-def round_dir_name(index: int) -> str:
-    return f"round-{index:03d}"
-
-
 def say(message: str) -> None:
-    if dist.is_main():
+    if is_rank_zero():
         print(f"[data engine] {message}", flush=True)
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _remove(round_dir: Path, names: list[str]) -> None:
     """Rank 0: delete round files by name or prefix (``shards-rank*``) and their ``.tmp`` leftovers."""
-    if not dist.is_main() or not round_dir.is_dir():
+    if not is_rank_zero() or not round_dir.is_dir():
         return
     for path in sorted(round_dir.iterdir()):
         base = path.name[: -len(".tmp")] if path.name.endswith(".tmp") else path.name
@@ -103,8 +102,13 @@ DOWNSTREAM = {
 class Engine:
     """Runs the rounds of one engine config (see the module docstring)."""
 
-    def __init__(self, *, cfg: dict[str, Any], settings: DataEngine, config_path: str, progress: bool = True):
-        self.cfg, self.settings, self.config_path, self.progress = cfg, settings, str(config_path), progress
+    def __init__(self, *, cfg: dict[str, Any], settings: DataEngine, configs: list[str], progress: bool = True):
+        """``cfg`` and ``settings`` as ``settings.load_config`` reads them from the files ``configs``
+        (recorded in every manifest)."""
+        self.cfg = cfg
+        self.settings = settings
+        self.configs = [str(c) for c in configs]
+        self.progress = progress
         self.work_dir = Path(settings.work_dir)
         self.labelled: list[str] = []
         self.pool: list[str] = []
@@ -118,7 +122,7 @@ class Engine:
     def prepare(self) -> None:
         """Resolve (or build, for ``labelled_fraction``) the labelled set and pool, and the phrases:
         rank 0 decides, every rank gets its answer. Bad paths fail here, naming them."""
-        self.labelled, self.pool, self.inputs, self.phrases = dist.on_main(self._prepare)
+        self.labelled, self.pool, self.inputs, self.phrases = on_rank_zero(self._prepare)
 
     def _prepare(self) -> tuple[list[str], list[str], dict[str, Any], list[str] | None]:
         s = self.settings
@@ -126,7 +130,7 @@ class Engine:
         if s.labelled_fraction is not None:
             from sam3_train.data import Sam3DataModule
 
-            data = Sam3DataModule(**init_args(self.cfg.get("data")))
+            data = Sam3DataModule(**self.cfg["data"])
             data.prepare_data()  # generates the shapes dataset when configured
             data.setup("fit")
             split = split_labelled_pool(urls=data.urls["train"], out_dir=self.work_dir / "split",
@@ -144,11 +148,11 @@ class Engine:
         if s.phrases == "vocabulary":
             phrases = read_vocabulary(s.vocabulary)
         elif s.phrases == "labelled":
-            phrases = labelled_phrases(labelled)
+            phrases = labelled_set_phrases(labelled)
         phrase_info = {"source": s.phrases, "vocabulary": s.vocabulary}
         if phrases is not None:
             phrase_info.update(count=len(phrases), sha256=hashlib.sha256("\n".join(phrases).encode()).hexdigest())
-        inputs = {"config": self.config_path, "labelled": labelled_pattern, "pool": pool_pattern,
+        inputs = {"config": self.configs, "labelled": labelled_pattern, "pool": pool_pattern,
                   "phrases": phrase_info, "labelled_weight": s.labelled_weight, "pseudo_weight": s.pseudo_weight,
                   "fit_from": s.fit_from}
         return labelled, pool, inputs, phrases
@@ -176,22 +180,22 @@ class Engine:
                 _remove(round_dir, DOWNSTREAM[stage])
             return done
 
-        return dist.on_main(check)
+        return on_rank_zero(check)
 
     def run_round(self, index: int, *, stop_after: str | None = None) -> dict[str, Any] | None:
         """One round; returns its manifest, or None when it stopped at ``stop_after``."""
         round_dir = self.round_dir(index)
-        if dist.on_main(lambda: round_finished(round_dir)):
+        if on_rank_zero(lambda: round_finished(round_dir)):
             say(f"round {index}: finished, skipped ({round_dir / MANIFEST})")
             return read_manifest(round_dir)
-        if dist.is_main():
+        if is_rank_zero():
             round_dir.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        barrier()
         previous = None if index == 0 else self.round_dir(index - 1) / MODEL
         written = {"counts": empty_counts(), "shards": {}, "world_size": 0}
         if index > 0:
             # What the proposals depend on (and nothing else: a new training weight must not void them).
-            propose_inputs = {"checkpoint": dist.on_main(lambda: checkpoint_entry(previous)), "pool": self.pool,
+            propose_inputs = {"checkpoint": on_rank_zero(lambda: checkpoint_entry(previous)), "pool": self.pool,
                               "phrases": self.inputs["phrases"], "propose": self.settings.propose_params()}
             if not self._stage_done(round_dir, PROPOSED, "propose"):
                 self.propose(round_dir, previous, propose_inputs)
@@ -201,14 +205,13 @@ class Engine:
             if not self._stage_done(round_dir, WRITTEN, "write"):
                 self.write(round_dir)
             self._check_inputs(round_dir / WRITTEN, self.settings.thresholds(), "shards")
-            written = _read(round_dir / WRITTEN)
-            written["counts"]["proposed"] = _read(round_dir / PROPOSED)["counts"]
+            written = read_json(round_dir / WRITTEN)
+            written["counts"]["proposed"] = read_json(round_dir / PROPOSED)["counts"]
             if stop_after == "write":
                 return None
         sources = {"labelled": (self.labelled, self.settings.labelled_weight if index else 1.0)} if self.labelled else {}
         if index > 0:
-            pseudo = [str(round_dir / e["path"]) for r in sorted(written["shards"], key=int) for e in written["shards"][r]]
-            sources["pseudo"] = (pseudo, self.settings.pseudo_weight)
+            sources["pseudo"] = (shard_paths(round_dir, written), self.settings.pseudo_weight)
         trainer = None
         if not self._stage_done(round_dir, MODEL, "fit"):
             trainer = self.fit(index, round_dir, sources, written["counts"])
@@ -216,7 +219,7 @@ class Engine:
             return None
         if not self._stage_done(round_dir, METRICS, "eval"):
             self.evaluate(index, round_dir, trainer, written["counts"])
-        metrics = _read(round_dir / METRICS)
+        metrics = read_json(round_dir / METRICS)
 
         def finalize() -> dict[str, Any]:
             outputs = {"checkpoint": checkpoint_entry(round_dir / MODEL), "fit": metrics.pop("fit", {})}
@@ -229,10 +232,10 @@ class Engine:
                                                        if k.endswith("cgF1")))
             return manifest
 
-        return dist.on_main(finalize)
+        return on_rank_zero(finalize)
 
     def _check_inputs(self, marker: Path, expected: dict[str, Any], what: str) -> None:
-        recorded = json.loads(json.dumps(_read(marker)["inputs"]))
+        recorded = json.loads(json.dumps(read_json(marker)["inputs"]))
         expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
         if recorded != expected:
             keys = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
@@ -243,62 +246,60 @@ class Engine:
     def propose(self, round_dir: Path, checkpoint: Path, inputs: dict[str, Any]) -> None:
         s = self.settings
         say(f"{round_dir.name}: propose with {checkpoint} on {len(self.pool)} pool shards")
+        data_args = self.cfg["data"]
         module = ProposeModule(checkpoint=str(checkpoint), flip_tta=s.flip_tta, min_score=s.min_score,
                                max_detections=s.max_detections, stability_offset=s.stability_offset,
-                               tokenizer_path=init_args(self.cfg.get("data")).get("tokenizer_path"))
-        data_args = init_args(self.cfg.get("data"))
+                               tokenizer_path=data_args["tokenizer_path"])
         data = ProposeData(pool=self.pool, phrases=self.phrases, image_size=module.image_size,
                            batch_size=s.batch_size, num_workers=s.num_workers,
-                           square_resize=data_args.get("square_resize", True),
-                           tokenizer_path=data_args.get("tokenizer_path"))
-        trainer = L.Trainer(**device_kwargs(self.cfg), logger=False, callbacks=[ProposalWriter(round_dir=round_dir)],
+                           square_resize=data_args["square_resize"], tokenizer_path=data_args["tokenizer_path"])
+        trainer = L.Trainer(**trainer_kwargs(self.cfg), logger=False, callbacks=[ProposalWriter(round_dir=round_dir)],
                             default_root_dir=str(round_dir), enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=self.progress, use_distributed_sampler=False)
         trainer.predict(module, datamodule=data, return_predictions=False)  # ends with a barrier
-        if dist.is_main():
+        if is_rank_zero():
             counts, world = {}, trainer.world_size
             for rank in range(world):
-                add_counts(counts, _read(round_dir / proposals_dir_name(rank) / SUMMARY)["counts"])
+                add_counts(counts, read_json(round_dir / proposals_dir_name(rank) / SUMMARY)["counts"])
             write_json_atomic(round_dir / PROPOSED, {"inputs": inputs, "world_size": world, "counts": counts})
             say(f"{round_dir.name}: proposed {counts['candidates']} candidates for {counts['pairs']} pairs "
                 f"of {counts['images']} images ({counts['skipped']} unreadable skipped)")
-        dist.barrier()
-        dist.fault_point("propose")
+        barrier()
+        fault_point("propose")
 
     def write(self, round_dir: Path) -> None:
-        proposers = _read(round_dir / PROPOSED)["world_size"]
+        proposers = read_json(round_dir / PROPOSED)["world_size"]
         chain, miner = self.settings.chain(), self.settings.negatives
-        for proposer in range(dist.rank(), proposers, dist.world_size()):
+        rank, world = rank_and_world()
+        for proposer in range(rank, proposers, world):
             write_rank(round_dir=round_dir, proposer=proposer, chain=chain, miner=miner,
-                       max_count=self.settings.max_count, progress=self.progress and dist.is_main())
-        dist.barrier()
-        if dist.is_main():
+                       max_count=self.settings.max_count, progress=self.progress and is_rank_zero())
+        barrier()
+        if is_rank_zero():
             merged = merge_summaries(round_dir, proposers)
             write_json_atomic(round_dir / WRITTEN, {"inputs": self.settings.thresholds(), "world_size": proposers,
                                                     **merged})
             c = merged["counts"]
             say(f"{round_dir.name}: wrote {c['samples']} images, {c['instances']} instances, {c['negatives_mined']} "
                 f"mined negatives, {c['exhaustive_pairs']}/{c['pairs']} exhaustive pairs; rejected {c['rejected']}")
-        dist.barrier()
-        dist.fault_point("written")
+        barrier()
+        fault_point("written")
 
     def fit(self, index: int, round_dir: Path, sources: dict[str, tuple[list[str], float]],
             counts: dict[str, Any]) -> L.Trainer | None:
         """Fit the round's model (or adopt ``settings.checkpoint`` in round 0); publish ``fit-info.json``
         then ``model.ckpt``, the stage's marker. Returns the fit's trainer (None when adopted)."""
         s = self.settings
-        name = f"{init_args(_wandb(self.cfg)).get('name') or 'engine'}-{round_dir.name}"
         adopt = index == 0 and s.checkpoint is not None
         shards, mix = (None, {}) if adopt and not self.labelled else weighted_shards(sources)
-        cfg = round_fit_config(self.cfg, round_dir=round_dir, train_shards=shards, name=name,
-                               test_shards=s.eval_shards)
-        if dist.is_main():
+        cfg = round_fit_config(self.cfg, round_dir=round_dir, train_shards=shards, test_shards=s.eval_shards)
+        if is_rank_zero():
             write_config(cfg, round_dir / FIT_CONFIG)
-        dist.barrier()
+        barrier()
         trainer, tmp = None, round_dir / (MODEL + ".tmp")
         if adopt:
             info = {"adopted": checkpoint_entry(s.checkpoint)}
-            if dist.is_main():
+            if is_rank_zero():
                 shutil.copyfile(s.checkpoint, tmp)
             say(f"{round_dir.name}: adopt {s.checkpoint} as the round's model (no fit)")
         else:
@@ -309,26 +310,19 @@ class Engine:
                                 round_info={"round": index, "sources": mix, "counts": counts})
             info = {"sources": mix, "steps": trainer.global_step, "init_from": None if init_from is None
                     else str(init_from), "config_sha256": file_sha256(round_dir / FIT_CONFIG)}
-        if dist.is_main():
+        if is_rank_zero():
             write_json_atomic(round_dir / FIT_INFO, info)
             os.replace(tmp, round_dir / MODEL)
-        dist.barrier()
-        dist.fault_point("fit")
+        barrier()
+        fault_point("fit")
         return trainer
 
     def evaluate(self, index: int, round_dir: Path, trainer: L.Trainer | None, counts: dict[str, Any]) -> None:
         say(f"{round_dir.name}: evaluate on the held-out split")
         metrics, trainer = evaluate(round_dir=round_dir, checkpoint=round_dir / MODEL, trainer=trainer)
         log_round(trainer, round_index=index, counts=counts, metrics=metrics)
-        if dist.is_main():
-            write_json_atomic(round_dir / METRICS, {"test": metrics, "fit": _read(round_dir / FIT_INFO) or {}})
-        dist.barrier()
-        dist.fault_point("eval")
+        if is_rank_zero():
+            write_json_atomic(round_dir / METRICS, {"test": metrics, "fit": read_json(round_dir / FIT_INFO) or {}})
+        barrier()
+        fault_point("eval")
 
-
-def _wandb(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    loggers = cfg.get("trainer", {}).get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
-            return logger
-    return None

@@ -1,35 +1,44 @@
-"""The data engine's settings, carried inside a ``sam3-train`` config as a callback entry.
+"""The data engine's settings, and how an engine config is read.
 
-An engine config is an ordinary ``sam3-train`` config (the trainer, model and data of every round's
-fit; ``sam3-train fit --config configs/engine_shapes.yaml`` trains on the configured data) whose
-``trainer.callbacks`` holds one ``sam3_train.engine.settings.DataEngine`` entry with the engine's
-own settings. The compromise, honestly: the LightningCLI schema has no free top-level section, and a
-callback entry is the one place where typed settings can ride along without changing the CLI.
-Outside ``tools/data_engine.py`` the callback does nothing; in a round's fit it logs the round's
-data sources once to the loggers.
+An engine config is a ``sam3-train`` config (the trainer, model and data of every round's fit) plus
+an ``engine:`` section holding :class:`DataEngine`. It usually comes as two files, the base config
+and an overlay with the engine section (and any overrides of the base), read in order by the
+``sam3-train`` CLI's own parser with an ``engine`` group added: one parse, the same schema, links,
+type checks and error messages as ``sam3-train fit``::
 
-    trainer:
-      callbacks:
-        - class_path: sam3_train.engine.settings.DataEngine
-          init_args: {work_dir: runs/engine_shapes, rounds: 2, labelled_fraction: 0.1, phrases: queries}
+    cfg, settings = load_config(["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"],
+                                ["trainer.max_steps=50", "engine.rounds=1"])
+
+Overrides are ``key=value`` (the CLI's ``--key=value``, the value parsed for the option's type).
+``cfg`` is the parsed base config as a plain dict, without the engine section; a round's fit gets a
+copy with its own output paths and training shards (:func:`round_fit_config`), written next to the
+round's checkpoint and read back by ``Sam3CLI`` exactly as ``sam3-train fit`` would.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, instantiate_class
 
+from sam3_train.cli import Sam3CLI, as_list, redirect_outputs
+from sam3_train.data import Sam3DataModule
 from sam3_train.engine.candidates import STABILITY_OFFSET
-from sam3_train.engine.negatives import HardNegativeMiner
 from sam3_train.engine.verifiers import (
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
+    HardNegativeMiner,
     ScoreVerifier,
     StabilityVerifier,
     Verifier,
     VerifierChain,
 )
+from sam3_train.lit import Sam3LitModule
 
 PhraseSource = Literal["queries", "vocabulary", "labelled"]
 
@@ -43,8 +52,9 @@ def default_verifiers(*, flip_tta: bool = True) -> list[Verifier]:
     return chain
 
 
-class DataEngine(L.Callback):
-    """Settings of ``tools/data_engine.py run`` (see docs/data_engine.md).
+@dataclass(kw_only=True)
+class DataEngine:
+    """Settings of ``tools/data_engine.py`` (docs/data_engine.md); the ``engine:`` section of its config.
 
     Args:
         work_dir: where rounds live: ``{work_dir}/round-000``, ``round-001``, ... (and ``split/``).
@@ -54,67 +64,63 @@ class DataEngine(L.Callback):
         labelled_fraction: instead of ``labelled`` / ``pool``: split the data's train split (``data.
             train_shards`` or the shapes train split) into this share of labelled images and a pool
             of the rest with labels stripped (phrases kept as non-exhaustive queries).
-        split_seed: seed of that split; split_shards: shards per part (at least ranks x workers).
+        split_seed: seed of that split.
+        split_shards: shards per part of the split (at least ranks x workers).
         checkpoint: a ``Sam3LitModule`` checkpoint to use as round 0's model instead of fitting one.
         phrases: what to ask of each pool image: ``queries`` (its own query phrases), ``vocabulary``
             (every phrase of the ``vocabulary`` file), ``labelled`` (every phrase of the labelled set).
         vocabulary: phrase file, one per line, ``#`` comments (``phrases: vocabulary``).
-        labelled_weight, pseudo_weight: share of training samples drawn from the labelled set and from
-            the round's pseudo-labels (normalised; 0 leaves a source out).
+        labelled_weight: share of training samples drawn from the labelled set (normalised with
+            ``pseudo_weight``; 0 leaves the source out).
+        pseudo_weight: share of training samples drawn from the round's pseudo-labels.
         fit_from: ``base``: every round trains the config's model afresh (the same budget per round);
             ``previous``: every round starts from the previous round's weights.
-        flip_tta, min_score, max_detections, stability_offset: the propose step (proposals.py).
-        batch_size: images per propose forward (each brings all its phrases); num_workers: its loaders.
+        flip_tta: also propose on the horizontally flipped image (needed by ``FlipConsistencyVerifier``).
+        min_score: score floor of a proposed detection (at most the exhaustivity band's low and the
+            miner's fire_low: a detection dropped here can neither make a pair uncertain nor be mined).
+        max_detections: detections kept per pair (by score).
+        stability_offset: logit offset of the loose (-offset) and tight (+offset) masks.
+        batch_size: images per propose forward (each brings all its phrases).
+        num_workers: dataloader workers of the propose step.
         verifiers: the chain, in order (None: :func:`default_verifiers`).
         negatives: the hard-negative miner (None: ``HardNegativeMiner()``).
         max_count: samples per pseudo-label shard.
         eval_shards: held-out split evaluated after every fit (None: the data's test split).
     """
 
-    def __init__(
-        self,
-        *,
-        work_dir: str = "runs/engine",
-        rounds: int = 2,
-        labelled: str | None = None,
-        pool: str | None = None,
-        labelled_fraction: float | None = None,
-        split_seed: int = 0,
-        split_shards: int = 8,
-        checkpoint: str | None = None,
-        phrases: PhraseSource = "queries",
-        vocabulary: str | None = None,
-        labelled_weight: float = 1.0,
-        pseudo_weight: float = 1.0,
-        fit_from: Literal["base", "previous"] = "base",
-        flip_tta: bool = True,
-        min_score: float = 0.05,
-        max_detections: int = 100,
-        stability_offset: float = STABILITY_OFFSET,
-        batch_size: int = 4,
-        num_workers: int = 1,
-        verifiers: list[Verifier] | None = None,
-        negatives: HardNegativeMiner | None = None,
-        max_count: int = 1000,
-        eval_shards: str | None = None,
-    ):
-        self.work_dir, self.rounds = work_dir, rounds
-        self.labelled, self.pool = labelled, pool
-        self.labelled_fraction, self.split_seed, self.split_shards = labelled_fraction, split_seed, split_shards
-        self.checkpoint = checkpoint
-        self.phrases, self.vocabulary = phrases, vocabulary
-        self.labelled_weight, self.pseudo_weight, self.fit_from = labelled_weight, pseudo_weight, fit_from
-        self.flip_tta, self.min_score, self.max_detections = flip_tta, min_score, max_detections
-        self.stability_offset, self.batch_size, self.num_workers = stability_offset, batch_size, num_workers
-        self.verifiers = list(verifiers) if verifiers is not None else default_verifiers(flip_tta=flip_tta)
-        self.negatives = negatives or HardNegativeMiner()
-        self.max_count, self.eval_shards = max_count, eval_shards
-        self.round_info: dict[str, Any] | None = None  # set by the engine for the fit it runs
+    work_dir: str = "runs/engine"
+    rounds: int = 2
+    labelled: str | None = None
+    pool: str | None = None
+    labelled_fraction: float | None = None
+    split_seed: int = 0
+    split_shards: int = 8
+    checkpoint: str | None = None
+    phrases: PhraseSource = "queries"
+    vocabulary: str | None = None
+    labelled_weight: float = 1.0
+    pseudo_weight: float = 1.0
+    fit_from: Literal["base", "previous"] = "base"
+    flip_tta: bool = True
+    min_score: float = 0.05
+    max_detections: int = 100
+    stability_offset: float = STABILITY_OFFSET
+    batch_size: int = 4
+    num_workers: int = 1
+    verifiers: list[Verifier] | None = None
+    negatives: HardNegativeMiner | None = None
+    max_count: int = 1000
+    eval_shards: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.verifiers is None:
+            self.verifiers = default_verifiers(flip_tta=self.flip_tta)
+        self.verifiers = list(self.verifiers)
+        self.negatives = self.negatives or HardNegativeMiner()
         self._check()
 
     def _check(self) -> None:
-        """Settings that contradict each other fail here, before any round starts (no filesystem
-        checks: ``sam3-train fit`` builds this callback too)."""
+        """Settings that contradict each other fail here, before any round starts (no filesystem checks)."""
         if self.rounds < 0:
             raise ValueError(f"DataEngine.rounds must be >= 0, got {self.rounds}")
         if self.labelled_fraction is not None:
@@ -150,8 +156,84 @@ class DataEngine(L.Callback):
         return {"verifiers": self.chain().thresholds(), "negatives": self.negatives.params(),
                 "propose": self.propose_params()}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.round_info is None:
-            return  # a plain `sam3-train fit`: nothing to do
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"engine": self.round_info})
+
+# ------------------------------------------------------------------------------------------ reading
+def make_cli(cli_class: type[Sam3CLI], args: list[str], **kwargs: Any) -> Sam3CLI:
+    """``cli_class(Sam3LitModule, Sam3DataModule, args=args, run=False)`` as ``sam3-train`` builds it
+    (OmegaConf parser mode), without a saved config. Its warning that ``sys.argv`` holds arguments
+    too is silenced: they are the engine front's own."""
+    parser_kwargs = {"parser_mode": "omegaconf", **kwargs.pop("parser_kwargs", {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return cli_class(Sam3LitModule, Sam3DataModule, parser_kwargs=parser_kwargs, args=args, run=False,
+                         save_config_callback=None, **kwargs)
+
+
+class EngineCLI(Sam3CLI):
+    """Sam3CLI's parser with an ``engine`` group (:class:`DataEngine`). Builds only the engine's
+    settings: the trainer, model and data are built per stage and round, from the round's config."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(DataEngine, "engine")
+
+    def instantiate_classes(self) -> None:
+        self.settings = self.parser.instantiate(Namespace(engine=self.config.engine)).engine
+
+
+def load_config(configs: str | Path | list[str | Path],
+                overrides: list[str] | None = None) -> tuple[dict[str, Any], DataEngine]:
+    """(the parsed config without its engine section, as a plain dict; the engine's settings).
+
+    ``configs`` are read in order (a later file's values replace an earlier one's; lists are
+    replaced whole); ``overrides`` are ``key=value``. A missing file, an unknown key or a value of the
+    wrong type raises (``argparse.ArgumentError``, naming it); contradicting settings raise ValueError.
+    """
+    configs = [configs] if isinstance(configs, (str, Path)) else list(configs)
+    for path in configs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
+    args = [a for path in configs for a in ("--config", str(path))]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        args.append(f"--{item}")
+    cli = make_cli(EngineCLI, args, parser_kwargs={"exit_on_error": False})
+    cfg = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    cfg.pop("engine")
+    return cfg, cli.settings
+
+
+def trainer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The trainer settings every engine Trainer shares: where and how the processes run."""
+    trainer = cfg.get("trainer", {})
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    built = {k: trainer[k] for k in keys if trainer.get(k) is not None}
+    if isinstance(built.get("strategy"), dict):  # a strategy given by class_path / init_args
+        built["strategy"] = instantiate_class((), built["strategy"])
+    return built
+
+
+def round_fit_config(cfg: dict[str, Any], *, round_dir: Path, train_shards: str | None,
+                     test_shards: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """The config of one round's fit: every written path under ``round_dir/fit``, the round's training
+    (None: the config's) and test shards, the W&B run named ``name`` (None: the config's W&B name, or
+    ``engine``, then ``-{round_dir.name}``); everything else as the engine config says."""
+    out = redirect_outputs(cfg, Path(round_dir) / "fit")
+    for logger in as_list(out["trainer"].get("logger")):
+        if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
+            args = logger["init_args"]
+            args["name"] = name or f"{args.get('name') or 'engine'}-{Path(round_dir).name}"
+    data = out.setdefault("data", {})
+    if train_shards is not None:
+        data["train_shards"] = train_shards
+    if test_shards is not None:
+        data["test_shards"] = test_shards
+    return out
+
+
+def write_config(cfg: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False, width=120))
+    tmp.replace(path)

@@ -1,5 +1,8 @@
-"""Where a round's data comes from: phrase sources, the labelled / pool split, weighted training mixes.
+"""Where a round's data comes from: reading shard samples, phrase sources, the labelled / pool
+split, weighted training mixes.
 
+- ``read_samples``: every sample of some shards, failing on an unreadable one or skipping and
+  counting it.
 - Phrases: a vocabulary file, the labelled set's phrases, or (None) each pool image's own queries.
 - ``split_labelled_pool``: the demonstration's setup, a share of a labelled split kept with its
   labels and the rest turned into an unlabelled pool (phrases kept as non-exhaustive queries without
@@ -34,12 +37,19 @@ log = logging.getLogger(__name__)
 SPLIT_MARKER = "split.json"
 
 
-def iter_samples(urls: list[str], skipped: dict[str, int] | None = None) -> Iterator[tuple[str, bytes, str, dict[str, Any]]]:
-    """(key, image bytes, extension, validated meta) of every readable sample of ``urls``, in order.
+def read_samples(urls: list[str], *, strict: bool = True,
+                 skipped: dict[str, int] | None = None) -> Iterator[tuple[str, bytes, str, dict[str, Any]]]:
+    """(key, image bytes, extension, validated meta) of every sample of ``urls``, in shard order (one
+    process, no rank split).
 
-    Unreadable shards and samples (bad json, no image member, schema errors) are skipped, logged with
+    ``strict``: an unreadable shard or sample (bad json, no image member, schema error) raises, naming
+    it. Otherwise (pools, labelled sets: a bad sample never stops a round) it is skipped, logged with
     shard and key, and counted in ``skipped["samples"]``.
     """
+    if strict:
+        for sample in wds.tarfile_samples([{"url": u} for u in urls]):
+            yield split_raw(sample)
+        return
     counts = skipped if skipped is not None else {}
     counts.setdefault("samples", 0)
 
@@ -70,9 +80,9 @@ def read_vocabulary(path: str | os.PathLike) -> list[str]:
     return phrases
 
 
-def labelled_phrases(urls: list[str]) -> list[str]:
-    """Every phrase queried anywhere in the labelled set, sorted."""
-    phrases = {q["phrase"] for _, _, _, meta in iter_samples(urls) for q in meta["queries"]}
+def labelled_set_phrases(urls: list[str]) -> list[str]:
+    """Every phrase queried anywhere in the labelled set (the shards ``urls``), sorted."""
+    phrases = {q["phrase"] for _, _, _, meta in read_samples(urls, strict=False) for q in meta["queries"]}
     if not phrases:
         raise ValueError(f"the labelled set ({urls[:2]}...) has no query phrase")
     return sorted(phrases)
@@ -105,7 +115,7 @@ def split_labelled_pool(*, urls: list[str], out_dir: str | os.PathLike, fraction
                              "delete it or restore them")
         return done
     skipped: dict[str, int] = {}
-    keys = [key for key, _, _, _ in iter_samples(urls, skipped)]
+    keys = [key for key, _, _, _ in read_samples(urls, strict=False, skipped=skipped)]
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate sample keys in {urls[:2]}...: cannot split by key")
     num_labelled = max(1, round(fraction * len(keys))) if keys else 0
@@ -116,7 +126,7 @@ def split_labelled_pool(*, urls: list[str], out_dir: str | os.PathLike, fraction
     parts = {"labelled": num_labelled, "pool": len(keys) - num_labelled}
     sinks = {name: ShardSink(out_dir=tmp / name, prefix=name, max_count=max(1, math.ceil(n / num_shards)))
              for name, n in parts.items() if n}
-    for key, data, ext, meta in iter_samples(urls):
+    for key, data, ext, meta in read_samples(urls, strict=False):
         if key in chosen:
             sinks["labelled"].write(key, data, ext, meta)
         else:

@@ -1,7 +1,8 @@
 """A round's fit and held-out evaluation, through the ``sam3-train`` CLI's own classes.
 
-The round's config (config.round_fit_config) is written to ``round_dir/fit-config.yaml`` and
-instantiated by ``Sam3CLI(run=False)``: the same schema, links and seeding as ``sam3-train fit``.
+The round's config (settings.round_fit_config) is written to ``round_dir/fit-config.yaml`` and
+instantiated by ``Sam3CLI(run=False)``: the same schema, links and seeding as ``sam3-train fit``. The
+fit logs the round's data sources and counts once to its loggers (hyper-parameter ``engine``).
 The fit ends with a weights-only checkpoint written as ``model.ckpt.tmp`` and renamed by rank 0;
 evaluation always reads that file (so a resumed evaluation sees exactly what an uninterrupted one
 would), runs ``trainer.test`` on the held-out split and returns its ``test/*`` metrics.
@@ -16,27 +17,29 @@ from typing import Any
 
 import lightning as L
 
-from sam3_train.engine import dist
-from sam3_train.engine.settings import DataEngine
+from sam3_train.cli import Sam3CLI
+from sam3_train.dist import barrier, is_rank_zero
+from sam3_train.engine.manifest import FIT_CONFIG, MODEL
+from sam3_train.engine.settings import make_cli
 
 log = logging.getLogger(__name__)
-MODEL = "model.ckpt"
-FIT_CONFIG = "fit-config.yaml"
 
 
 def build_cli(config_path: Path):
     """(trainer, model, datamodule) of a ``sam3-train`` config file, not run."""
-    from sam3_train.cli import Sam3CLI
-    from sam3_train.data import Sam3DataModule
-    from sam3_train.lit import Sam3LitModule
-
-    cli = Sam3CLI(Sam3LitModule, Sam3DataModule, parser_kwargs={"parser_mode": "omegaconf"},
-                  args=["--config", str(config_path)], run=False, save_config_callback=None)
+    cli = make_cli(Sam3CLI, ["--config", str(config_path)])
     return cli.trainer, cli.model, cli.datamodule
 
 
-def _engine_callback(trainer: L.Trainer) -> DataEngine | None:
-    return next((c for c in trainer.callbacks if isinstance(c, DataEngine)), None)
+class _LogRoundInfo(L.Callback):
+    """The round's sources and counts to every logger as the ``engine`` hyper-parameter, at fit start."""
+
+    def __init__(self, round_info: dict[str, Any]):
+        self.round_info = round_info
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"engine": self.round_info})
 
 
 def load_weights(model: L.LightningModule, checkpoint: str | os.PathLike) -> None:
@@ -54,14 +57,12 @@ def fit_round(*, round_dir: Path, round_info: dict[str, Any], init_from: str | o
     ``init_from``: a checkpoint whose weights start the fit (None: the config's initialisation).
     """
     trainer, model, datamodule = build_cli(round_dir / FIT_CONFIG)
-    callback = _engine_callback(trainer)
-    if callback is not None:
-        callback.round_info = round_info
+    trainer.callbacks.append(_LogRoundInfo(round_info))
     if init_from is not None:
         load_weights(model, init_from)
     trainer.fit(model, datamodule=datamodule)
     trainer.save_checkpoint(round_dir / (MODEL + ".tmp"), weights_only=True)  # collective: rank 0 writes
-    dist.barrier()
+    barrier()
     return trainer
 
 
@@ -100,7 +101,7 @@ def log_round(trainer: L.Trainer, *, round_index: int, counts: dict[str, Any], m
     for logger in trainer.loggers:
         logger.log_metrics(values, step=trainer.global_step)
         logger.save()
-    if dist.is_main():
+    if is_rank_zero():
         from lightning.pytorch.loggers import WandbLogger
 
         if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):

@@ -1,4 +1,5 @@
-"""Verifiers: checks that keep or reject a candidate's instances and judge whether a pair is exhaustive.
+"""Judging candidates: which instances become pseudo-labels, whether a pair is exhaustive, which
+phrases become hard negatives.
 
 One interface, so a stronger model or a person can replace or add a check: a :class:`Verifier` has
 a ``name`` and maps a :class:`~sam3_train.engine.candidates.Candidate` to a :class:`Verdict`.
@@ -9,22 +10,30 @@ rejected among those still alive when it ran (the manifest's counts).
                                      FlipConsistencyVerifier(min_iou=0.7),
                                      ExhaustivityVerifier(low=0.2, high=0.7)])
     verified = chain(candidate)     # .keep [n] bool, .exhaustive, .flags, .kept / .rejected per verifier
+    negatives = HardNegativeMiner()(verify_image(pairs, chain), exclude=phrases_with_instances(meta))
 
 Order matters: put the score check first. A later mask check that drops an instance the score check
 let through drops something the model believes is there, so the chain marks that pair
 non-exhaustive (its unmatched predictions must not be punished) and flags it for review.
+
+Hard negatives: a phrase the model ignores (top score near 0) teaches nothing as a negative; one it
+confidently finds is a positive. The useful negatives sit between: the model half-believes the
+concept is there, yet no instance survives verification and the presence head leans towards
+"absent". Such a pair becomes a negative query (``exhaustive: true``, no instances), which punishes
+exactly the weak firing.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sam3_train.engine.candidates import Candidate, mask_iou
+from sam3_train.engine.candidates import Candidate
+from sam3_train.metrics.iou import rowwise_mask_iou
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class StabilityVerifier(Verifier):
         self.min_iou = float(min_iou)
 
     def __call__(self, candidate: Candidate) -> Verdict:
-        return Verdict(keep=mask_iou(candidate.masks_tight, candidate.masks_loose) >= self.min_iou)
+        return Verdict(keep=rowwise_mask_iou(candidate.masks_tight, candidate.masks_loose) >= self.min_iou)
 
 
 class FlipConsistencyVerifier(Verifier):
@@ -98,7 +107,7 @@ class FlipConsistencyVerifier(Verifier):
         if candidate.flip_masks is None:
             raise ValueError(f"FlipConsistencyVerifier: candidate {candidate.key}/{candidate.phrase!r} has no "
                              "flip_masks; run the propose step with flip TTA or drop this verifier")
-        return Verdict(keep=mask_iou(candidate.masks, candidate.flip_masks) >= self.min_iou)
+        return Verdict(keep=rowwise_mask_iou(candidate.masks, candidate.flip_masks) >= self.min_iou)
 
 
 class ExhaustivityVerifier(Verifier):
@@ -190,3 +199,66 @@ class VerifierChain:
             flags += [f"{verifier.name}: {f}" for f in verdict.flags]
         return Verified(candidate=candidate, keep=alive, rejected_by=rejected_by, exhaustive=exhaustive,
                         flags=tuple(flags), kept=kept, rejected=rejected)
+
+
+def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain) -> list[Verified]:
+    """The chain's verdict on every (candidate, dropped) pair of one image. A pair whose detections
+    were truncated at ``max_detections`` (``dropped`` > 0) may hide more instances: it is written
+    non-exhaustive and flagged."""
+    out = []
+    for candidate, dropped in pairs:
+        verified = chain(candidate)
+        if dropped:
+            verified.exhaustive = False
+            verified.flags = (*verified.flags, f"propose: {dropped} detections above the floor not kept")
+        out.append(verified)
+    return out
+
+
+def phrases_with_instances(meta: dict[str, Any]) -> list[str]:
+    """Phrases the image already has instances for (in its pool meta): never mined as negatives."""
+    return [q["phrase"] for q in meta["queries"] if q.get("instances")]
+
+
+class HardNegativeMiner:
+    """Picks the phrases of one image to write as negatives.
+
+    A pair is a hard negative when all hold:
+      - its top candidate score lies in ``[fire_low, fire_high)`` (the model fires, weakly);
+      - no instance survived the verifier chain;
+      - its presence probability is below ``max_presence``.
+
+    Args:
+        fire_low, fire_high: the weak-firing band of the top score (probabilities).
+        max_presence: presence probability at or above which the concept may be there after all.
+        max_per_image: at most this many negatives per image, weakest presence first (None: no limit);
+            too many negatives per image would swamp its positives in phrase sampling.
+    """
+
+    def __init__(self, *, fire_low: float = 0.05, fire_high: float = 0.5, max_presence: float = 0.3,
+                 max_per_image: int | None = None):
+        if not 0.0 <= fire_low < fire_high <= 1.0:
+            raise ValueError(f"HardNegativeMiner needs 0 <= fire_low < fire_high <= 1, got {fire_low}, {fire_high}")
+        self.fire_low, self.fire_high = float(fire_low), float(fire_high)
+        self.max_presence = float(max_presence)
+        self.max_per_image = max_per_image
+
+    def params(self) -> dict[str, float | int | None]:
+        return {"fire_low": self.fire_low, "fire_high": self.fire_high, "max_presence": self.max_presence,
+                "max_per_image": self.max_per_image}
+
+    def is_hard_negative(self, verified: Verified) -> bool:
+        c = verified.candidate
+        return (self.fire_low <= c.top_score < self.fire_high and not bool(verified.keep.any())
+                and c.presence < self.max_presence)
+
+    def __call__(self, pairs: Iterable[Verified], *, exclude: Iterable[str] = ()) -> list[str]:
+        """Phrases of one image's verified pairs to write as negatives, sorted.
+
+        ``exclude``: phrases already labelled on the image (never turned into negatives).
+        """
+        skip = set(exclude)
+        chosen = [v for v in pairs if v.candidate.phrase not in skip and self.is_hard_negative(v)]
+        if self.max_per_image is not None:
+            chosen = sorted(chosen, key=lambda v: (v.candidate.presence, v.candidate.phrase))[: self.max_per_image]
+        return sorted({v.candidate.phrase for v in chosen})

@@ -2,7 +2,9 @@
 
 Score = sigmoid(class logit) x sigmoid(presence logit). The model sees the image resized so that its
 content (``image_sizes``, h x w) sits at the top-left of an S x S input (the eval-time transform);
-boxes and masks are mapped from that frame back to each image's original size.
+boxes and masks are mapped from that frame back to each image's original size. Evaluation,
+prediction and the data engine's propose step all go through :func:`postprocess`, so they cannot
+map a box or a mask differently.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ def postprocess(
     score_threshold: float = 0.5,
     mask_threshold: float = 0.0,
     max_detections: int | None = None,
+    keep_above: float | None = None,
+    mask_logits: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """One dict per pair: ``scores`` [n], ``boxes`` [n, 4] xyxy pixels, ``masks`` [n, H, W] bool,
-    ``presence`` [] probability; detections sorted by score, those below ``score_threshold`` dropped.
+    ``presence`` [] probability; with ``mask_logits`` also ``mask_logits`` [n, H, W] float32 (the
+    logits at the original size, for thresholds other than ``mask_threshold``). Detections are
+    sorted by score (ties by query index), those below ``score_threshold`` dropped, at most
+    ``max_detections`` kept, except that every detection scoring at least ``keep_above`` is kept
+    (SA-Co scoring reads every query above its 0.5 threshold, uncapped, as Meta's evaluator).
 
     ``batch.image_sizes`` gives the (h, w) of each image's content inside the S x S input.
     """
@@ -44,8 +52,11 @@ def postprocess(
     for p in range(scores.shape[0]):
         image = int(batch.pair_image[p])
         (h, w), (height, width) = batch.image_sizes[image].tolist(), original_sizes[image].tolist()
-        order = scores[p].argsort(descending=True)
-        order = order[scores[p, order] >= score_threshold][:max_detections]
+        order = scores[p].argsort(descending=True, stable=True)
+        order = order[scores[p, order] >= score_threshold]
+        if max_detections is not None:
+            above = int((scores[p, order] >= keep_above).sum()) if keep_above is not None else 0
+            order = order[: max(max_detections, above)]
         boxes = cxcywh_to_xyxy(outputs["pred_boxes"][p, order].float())
         scale = boxes.new_tensor([width / w, height / h, width / w, height / h]) * side
         boxes = boxes * scale
@@ -53,18 +64,21 @@ def postprocess(
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         result = {"scores": scores[p, order], "boxes": boxes, "presence": presence[p]}
         if masks is not None:
-            result["masks"] = _masks_to_original(masks[p, order], side, (h, w), (height, width), mask_threshold)
+            logits = _logits_to_original(masks[p, order], side, (h, w), (height, width))
+            result["masks"] = logits > mask_threshold
+            if mask_logits:
+                result["mask_logits"] = logits
         results.append(result)
     return results
 
 
-def _masks_to_original(
-    logits: torch.Tensor, side: int, content: tuple[int, int], original: tuple[int, int], threshold: float
+def _logits_to_original(
+    logits: torch.Tensor, side: int, content: tuple[int, int], original: tuple[int, int]
 ) -> torch.Tensor:
-    """[n, h, w] logits at mask resolution -> [n, H, W] bool at the original size."""
+    """[n, h, w] logits at mask resolution -> [n, H, W] float32 logits at the original size (input
+    frame, crop the content, resize)."""
     if logits.shape[0] == 0:
-        return torch.zeros(0, *original, dtype=torch.bool, device=logits.device)
+        return torch.zeros(0, *original, dtype=torch.float32, device=logits.device)
     full = F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
     full = full[:, :, : content[0], : content[1]]
-    full = F.interpolate(full, size=original, mode="bilinear", align_corners=False)
-    return full[:, 0] > threshold
+    return F.interpolate(full, size=original, mode="bilinear", align_corners=False)[:, 0]

@@ -1,8 +1,13 @@
-"""Writing verified candidates as pseudo-labelled shards, one folder per rank, renamed when complete.
+"""Verified candidates -> pseudo-labelled samples -> one folder of shards per proposer, renamed when complete.
 
-Layout of a round directory (each rank writes its own folder; rank 0 writes the manifest last)::
+For proposals folder ``k`` (written by rank k of the propose step) :func:`write_rank` walks the pool
+shards that rank read, in order; each image's candidates go through the verifier chain, hard
+negatives are mined among its phrases, and :class:`RoundWriter` writes the image with its
+pseudo-labelled queries (:func:`pseudo_sample`) into ``shards-rank{k}``. The output depends only on
+the proposals, the pool and the settings, never on how many processes write it or whether an
+earlier attempt died::
 
-    round_dir/shards-rank000.tmp/     while rank 0 writes: pseudo-000000.tar ..., summary.json
+    round_dir/shards-rank000.tmp/     while it is written: pseudo-000000.tar ..., summary.json
     round_dir/shards-rank000/         the same folder after one atomic rename (os.replace)
     round_dir/manifest.json           see manifest.py
 
@@ -10,8 +15,8 @@ A writer that dies leaves only ``*.tmp`` (never a visible, half-written shard); 
 it and writes again. Shard bytes depend only on the samples written and their order (ShardSink fixes
 member times; json keys are sorted), so a re-run is byte-identical.
 
-    with RoundWriter(round_dir=d, rank=trainer.global_rank) as writer:
-        for key, image, ext, base_meta, pairs in proposals:     # pairs: list[Verified] of one image
+    with RoundWriter(round_dir=d, rank=k) as writer:
+        for key, image, ext, base_meta, pairs in verified_samples(d, k, chain):  # pairs: list[Verified]
             writer.write(key=key, image=image, image_ext=ext, base_meta=base_meta, pairs=pairs,
                          negatives=miner(pairs))
 """
@@ -19,28 +24,36 @@ member times; json keys are sorted), so a re-run is byte-identical.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+from tqdm import tqdm
 
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.schema import query, validate_meta
 from sam3_train.data.shards import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSink
-from sam3_train.engine.candidates import Candidate
+from sam3_train.engine.candidates import Candidate, ProposalIndex, record_candidates
 from sam3_train.engine.manifest import (
+    PROPOSALS,
     SUMMARY,
     TMP_SUFFIX,
     add_counts,
     empty_counts,
+    fault_point,
     file_sha256,
-    rank_dir_name,
+    proposals_dir_name,
+    shards_dir_name,
     write_json_atomic,
 )
-from sam3_train.engine.verifiers import Verified
+from sam3_train.engine.sources import read_samples
+from sam3_train.engine.verifiers import HardNegativeMiner, Verified, VerifierChain, phrases_with_instances, verify_image
+
+log = logging.getLogger(__name__)
 
 
 def instance_entry(candidate: Candidate, index: int) -> dict[str, Any] | None:
@@ -121,8 +134,8 @@ class RoundWriter:
                  max_count: int = DEFAULT_MAX_COUNT, max_size: int = DEFAULT_MAX_SIZE):
         self.round_dir = Path(round_dir)
         self.rank = rank
-        self.final_dir = self.round_dir / rank_dir_name(rank)
-        self.tmp_dir = self.round_dir / (rank_dir_name(rank) + TMP_SUFFIX)
+        self.final_dir = self.round_dir / shards_dir_name(rank)
+        self.tmp_dir = self.round_dir / (shards_dir_name(rank) + TMP_SUFFIX)
         if self.tmp_dir.exists():  # left by a run that died: its content is incomplete by definition
             shutil.rmtree(self.tmp_dir)
         self._sink = ShardSink(out_dir=self.tmp_dir, prefix=prefix, max_count=max_count, max_size=max_size)
@@ -153,7 +166,7 @@ class RoundWriter:
         summary = {
             "rank": self.rank,
             "counts": self.counts,
-            "shards": [{"path": f"{rank_dir_name(self.rank)}/{name}", "size": (self.tmp_dir / name).stat().st_size,
+            "shards": [{"path": f"{shards_dir_name(self.rank)}/{name}", "size": (self.tmp_dir / name).stat().st_size,
                         "sha256": file_sha256(self.tmp_dir / name)} for name in shards],
         }
         write_json_atomic(self.tmp_dir / SUMMARY, summary)
@@ -178,3 +191,52 @@ class RoundWriter:
             self.commit()
         else:
             self.abort()
+
+
+# ------------------------------------------------------------------------------------------ one proposer
+def verified_samples(round_dir: str | os.PathLike, proposer: int, chain: VerifierChain,
+                     counts: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[str, bytes, str, dict[str, Any], list[Verified]]]:
+    """(key, image bytes, ext, pool meta, verified pairs) of proposals folder ``proposer``, in pool order.
+
+    Pool samples without a record (unreadable at propose time) are skipped and counted as
+    ``unproposed``; a record whose image is not in those shards fails (the round's files disagree).
+    """
+    folder = Path(round_dir) / proposals_dir_name(proposer)
+    summary = json.loads((folder / SUMMARY).read_text())
+    index = ProposalIndex(folder / PROPOSALS)
+    counts = counts if counts is not None else {}
+    counts.setdefault("unproposed", 0)
+    skipped: dict[str, int] = counts.setdefault("skipped", {"samples": 0})
+    seen = set()
+    for key, data, ext, meta in read_samples(summary["urls"], strict=False, skipped=skipped):
+        if key not in index:
+            counts["unproposed"] += 1
+            log.warning("pool sample %s has no proposals (it was unreadable when proposing): not written", key)
+            continue
+        seen.add(key)
+        pairs = record_candidates(index.get(key))
+        counts["truncated_pairs"] = counts.get("truncated_pairs", 0) + sum(1 for _, dropped in pairs if dropped)
+        yield key, data, ext, meta, verify_image(pairs, chain)
+    missing = set(index.offsets) - seen
+    if missing:
+        raise RuntimeError(f"{folder}: proposals for {len(missing)} images not found in its pool shards "
+                           f"(e.g. {sorted(missing)[:3]}): the pool changed since proposing; delete the round")
+
+
+def write_rank(*, round_dir: str | os.PathLike, proposer: int, chain: VerifierChain, miner: HardNegativeMiner,
+               max_count: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """Verify proposals folder ``proposer`` and write ``shards-rank{proposer}``; returns its summary."""
+    counts: dict[str, Any] = {}
+    with RoundWriter(round_dir=round_dir, rank=proposer, max_count=max_count) as writer:
+        samples = verified_samples(round_dir, proposer, chain, counts)
+        bar = tqdm(samples, desc=f"verify+write (proposals {proposer})", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        for key, data, ext, meta, pairs in bar:
+            negatives = miner(pairs, exclude=phrases_with_instances(meta))
+            writer.write(key=key, image=data, image_ext=ext, base_meta=meta, pairs=pairs, negatives=negatives)
+            add_counts(writer.counts, {"review_pairs": sum(1 for v in pairs if v.needs_review)})
+            fault_point("write")
+        add_counts(writer.counts, {"unproposed": counts["unproposed"], "skipped": counts["skipped"]["samples"],
+                                   "truncated_pairs": counts.get("truncated_pairs", 0)})
+    return writer.summary
