@@ -39,7 +39,7 @@ from sam3_train.data.pipeline import ShardStream  # noqa: E402
 from sam3_train.data.shapes import ensure_shapes_shards  # noqa: E402
 from sam3_train.data.shards import expand_urls  # noqa: E402
 from sam3_train.data.transforms import train_transforms  # noqa: E402
-from sam3_train.model.tokenizer import Sam3Tokenizer  # noqa: E402
+from sam3_train.data.tokenizer import Sam3Tokenizer  # noqa: E402
 
 
 def photo_shards(root: Path, copies: int, scale: int) -> str:

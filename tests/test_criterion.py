@@ -156,8 +156,8 @@ def test_masks_by_hand_upsampled_to_target_resolution():
 
 def test_semantic_by_hand_and_only_for_pairs_with_instances():
     # Pair 0: instance masks [[1,0],[0,0]] and [[0,0],[0,1]], union [[1,0],[0,1]]; logits 0 (p 0.5).
-    # Focal alpha 0.6, gamma 1.6: each pixel ln 2 x 0.5^1.6 x (0.6 if foreground else 0.4);
-    #   mean = (0.6 + 0.6 + 0.4 + 0.4) / 4 x 0.5^1.6 x ln 2 = 0.5 x 0.5^1.6 x ln 2
+    # Focal alpha 0.6, gamma 2 (Meta's configs): each pixel ln 2 x 0.5^2 x (0.6 if foreground else 0.4);
+    #   mean = (0.6 + 0.6 + 0.4 + 0.4) / 4 x 0.5^2 x ln 2 = 0.5 x 0.5^2 x ln 2
     # dice: 1 - (2 x 1 + 1) / (2 + 2 + 1) = 0.4.
     # Pair 1 has no instance: its (large) logits must not count.
     outputs = {
@@ -170,20 +170,20 @@ def test_semantic_by_hand_and_only_for_pairs_with_instances():
         {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 2, 2, dtype=torch.bool), "exhaustive": True},
     ]
     terms = Sam3Criterion()(outputs, targets)
-    assert math.isclose(_get(terms, "loss_semantic"), 0.5 * 0.5**1.6 * math.log(2), rel_tol=1e-5)
+    assert math.isclose(_get(terms, "loss_semantic"), 0.5 * 0.5**2 * math.log(2), rel_tol=1e-5)
     assert math.isclose(_get(terms, "loss_semantic_dice"), 0.4, rel_tol=1e-5)
 
 
 def test_semantic_full_resolution_by_hand():
     # Logits 0 on 2 x 2 upsample to 0 on the 4 x 4 target with 1 foreground pixel (not dilated now):
-    # focal = (1 x 0.6 + 15 x 0.4) / 16 x 0.5^1.6 x ln 2; dice = 1 - (2 x 0.5 + 1) / (8 + 1 + 1) = 0.8
+    # focal = (1 x 0.6 + 15 x 0.4) / 16 x 0.5^2 x ln 2; dice = 1 - (2 x 0.5 + 1) / (8 + 1 + 1) = 0.8
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     mask[0, 1, 1] = True
     outputs = {"pred_logits": torch.zeros(1, 1), "pred_boxes": torch.full((1, 1, 4), 0.5)}
     outputs["semantic_seg"] = torch.zeros(1, 1, 2, 2)
     targets = [{"boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1]]), "masks": mask, "exhaustive": True}]
     terms = Sam3Criterion(semantic_full_resolution=True)(outputs, targets)
-    assert math.isclose(_get(terms, "loss_semantic"), 6.6 / 16 * 0.5**1.6 * math.log(2), rel_tol=1e-5)
+    assert math.isclose(_get(terms, "loss_semantic"), 6.6 / 16 * 0.5**2 * math.log(2), rel_tol=1e-5)
     assert math.isclose(_get(terms, "loss_semantic_dice"), 0.8, rel_tol=1e-5)
 
 
@@ -284,6 +284,20 @@ def test_keys_and_o2m_matcher_routing():
     # Box-only training: masks and semantic terms off.
     terms = Sam3Criterion(use_masks=False, use_semantic=False)(outputs, targets)
     assert not {k for k in terms if "mask" in k or "dice" in k or "semantic" in k}
+
+
+def test_without_aux_loss_only_final_layers_are_supervised():
+    """aux_loss=False: the earlier decoder layers (both halves) get no term; the final layers' terms are
+    unchanged, since the box normaliser and the matchers do not depend on the aux layers."""
+    outputs, _ = _full_outputs(3, 6, 2, 8)
+    targets = _random_targets([2, 0, 1], 16, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)  # the point sampler draws random points
+    full = Sam3Criterion()(outputs, targets)
+    torch.manual_seed(0)
+    final = Sam3Criterion(aux_loss=False)(outputs, targets)
+    assert set(final) == {k for k in full if "_aux" not in k}
+    for key, value in final.items():
+        torch.testing.assert_close(value, full[key], rtol=0, atol=0, msg=key)
 
 
 # --------------------------------------------------------------------------- robustness

@@ -17,7 +17,7 @@ from sam3_train.data.convert_coco import convert_coco
 from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.shards import expand_urls
 from sam3_train.data.transforms import eval_transforms
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
 # Two shared cores: torch's intra-op threads only contend in these data tests.

@@ -20,7 +20,7 @@ from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.schema import make_key, query
 from sam3_train.data.shards import expand_urls
 from sam3_train.data.transforms import eval_transforms
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.data.tokenizer import Sam3Tokenizer
 
 KINDS = ["corrupt_image", "invalid_json", "bad_rle", "box_outside", "json_missing_field", "no_image", "no_json"]
 

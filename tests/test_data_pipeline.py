@@ -18,7 +18,7 @@ from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.schema import make_key, query
 from sam3_train.data.shards import ShardSink, expand_urls
 from sam3_train.data.transforms import eval_transforms, train_transforms
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.data.tokenizer import Sam3Tokenizer
 
 SHARD_SIZES = [5, 5, 3, 7, 5, 1, 6, 4]  # uneven on purpose; 36 samples
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from torch import nn
 
 from sam3_train.losses import terms as T
 from sam3_train.losses.matcher import HungarianMatcher, MatchIndices, OneToManyMatcher
-from sam3_train.losses.targets import PackedTargets
+from sam3_train.losses.targets import PackedTargets, as_packed
 
 _KEY = re.compile(r"^loss_(?P<term>[a-z_]+?)(?P<aux>_aux\d+)?(?P<o2m>_o2m)?$")
 
@@ -87,7 +87,7 @@ class Sam3Criterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         semantic_focal_alpha: float = 0.6,
-        semantic_focal_gamma: float = 1.6,  # Meta's SemanticSegCriterion default
+        semantic_focal_gamma: float = 2.0,  # Meta's released configs (its SemanticSegCriterion class default is 1.6)
         semantic_full_resolution: bool = False,  # True: logits upsampled to the targets, not targets down
     ) -> None:
         super().__init__()
@@ -152,7 +152,7 @@ class Sam3Criterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict] | PackedTargets) -> dict[str, torch.Tensor]:
         """Unweighted terms ``{"loss_<term>[_aux{i}][_o2m]": scalar}`` (see the module docstring for keys)."""
         device = outputs["pred_logits"].device
-        packed = targets if isinstance(targets, PackedTargets) else PackedTargets.from_list(targets, device=device)
+        packed = as_packed(targets, device)
         num_boxes = num_boxes_across_ranks(packed)
 
         o2m = outputs.get("o2m")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from torchvision.ops import sigmoid_focal_loss  # RetinaNet focal loss; as fast as a hand-written one (docs/benchmarks.md)
 
 from sam3_train.box_ops import cxcywh_to_xyxy, elementwise_iou_and_giou
 from sam3_train.losses.matcher import MatchIndices
@@ -21,19 +22,6 @@ from sam3_train.losses.targets import PackedTargets
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
     return x.sum() * 0.0
-
-
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float, gamma: float) -> torch.Tensor:
-    """Element-wise RetinaNet focal loss; ``targets`` in [0, 1] (soft targets allowed); alpha < 0: no weighting."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    # 1 - p_t = 1 - (p t + (1 - p)(1 - t)) = p + t - 2 p t; written out to save passes over [M, K].
-    one_minus_p_t = prob + targets - 2 * prob * targets
-    loss = ce * one_minus_p_t**gamma
-    if alpha >= 0:
-        # alpha t + (1 - alpha)(1 - t)
-        loss = loss * ((1 - alpha) + (2 * alpha - 1) * targets)
-    return loss
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -159,7 +147,7 @@ def mask_losses(
     else:
         src_points = F.interpolate(src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False).flatten(1)
         tgt_points = tgt.flatten(1).to(src.dtype)
-    focal = sigmoid_focal_loss(src_points, tgt_points, alpha=alpha, gamma=gamma).mean(1).sum() / num_boxes
+    focal = sigmoid_focal_loss(src_points, tgt_points, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
     dice = dice_loss(src_points, tgt_points).sum() / num_boxes
     return focal, dice
 
@@ -196,5 +184,5 @@ def semantic_losses(
         src = F.interpolate(src, size=size, mode="bilinear", align_corners=False)
     src = src.flatten(1)  # [p, h*w]
     tgt = semantic_targets(packed, size, pairs).flatten(1)
-    focal = sigmoid_focal_loss(src, tgt, alpha=alpha, gamma=gamma).mean(1).mean()
+    focal = sigmoid_focal_loss(src, tgt, alpha=alpha, gamma=gamma, reduction="none").mean(1).mean()
     return focal, dice_loss(src, tgt).mean()

@@ -170,6 +170,22 @@ def preset_config(preset: str = "tiny", **overrides: Any) -> Sam3Config:
     return Sam3Config(**kwargs)
 
 
+class ImageSizeError(ValueError):
+    """An input side the ViT cannot tile: not a whole number of attention windows of patches."""
+
+    def __init__(self, image_size: int, patch_size: int, window_size: int):
+        step = patch_size * window_size  # one attention window of patches
+        low = max(step, image_size // step * step)
+        sizes = sorted({low, low + step} | ({low - step} if low > step else set()))
+        super().__init__(
+            f"image_size {image_size} must be a multiple of patch_size {patch_size} and the token grid "
+            f"{image_size // patch_size} a multiple of window_size {window_size}. The input side must be a multiple "
+            f"of {step} px ({window_size} x {window_size} patches of {patch_size} px per attention window); "
+            f"{step} is the smallest. Use e.g. {', '.join(map(str, sizes))}."
+        )
+        self.image_size, self.step, self.sizes = image_size, step, sizes
+
+
 def _check(backbone: dict[str, Any]) -> None:
     """Fail early, with the rule, where transformers would fail deep inside a forward."""
     hidden, heads = backbone["hidden_size"], backbone["num_attention_heads"]
@@ -177,9 +193,6 @@ def _check(backbone: dict[str, Any]) -> None:
         raise ValueError(f"ViT hidden_size / num_attention_heads = {hidden // heads} must be divisible by 4 (axial RoPE).")
     grid = backbone["image_size"] // backbone["patch_size"]
     if backbone["image_size"] % backbone["patch_size"] or grid % backbone["window_size"]:
-        raise ValueError(
-            f"image_size {backbone['image_size']} must be a multiple of patch_size {backbone['patch_size']} "
-            f"and the token grid {grid} a multiple of window_size {backbone['window_size']}."
-        )
+        raise ImageSizeError(backbone["image_size"], backbone["patch_size"], backbone["window_size"])
     if backbone["num_hidden_layers"] - 1 not in backbone["global_attn_indexes"]:
         raise ValueError("The ViT must end on a global-attention block (last index in global_attn_indexes).")
