@@ -78,6 +78,43 @@ def random_case(rng: np.random.Generator, n_pairs: int) -> tuple[list[dict], lis
     return preds, targets
 
 
+def random_multi_case(rng: np.random.Generator, n_pairs: int) -> tuple[list[dict], list[dict]]:
+    """random_case with SA-Co Gold's three annotators: set a is random_case's target, sets b and c
+    (``extra_sets``) agree with it, drop an instance, add one, move one by a pixel or call the phrase
+    absent; about 7% of the sets are non-exhaustive and 15% of the instances crowd regions. Pair 0
+    has 150 predictions above 0.5 (more than the 100 a detection cap would keep)."""
+    preds, targets = random_case(rng, n_pairs)
+    many = [(int(x), int(y), int(x) + 3, int(y) + 3) for x, y in rng.integers(0, W - 3, size=(150, 2))]
+    preds[0] = pair(many, scores=rng.uniform(0.5, 1.0, size=150).tolist())
+    targets[0] = pair([(0, 0, 4, 4), (6, 6, 10, 10)])
+
+    def variant(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        kind = rng.integers(0, 5)
+        if kind == 1 and rects:
+            return [r for i, r in enumerate(rects) if i != rng.integers(0, len(rects))]
+        if kind == 2:
+            x0, y0 = (int(v) for v in rng.integers(0, W - 4, size=2))
+            return [*rects, (x0, y0, x0 + 4, y0 + 4)]
+        if kind == 3 and rects:
+            x0, y0, x1, y1 = rects[0]
+            return [(max(x0 - 1, 0), y0, x1, min(y1 + 1, H)), *rects[1:]]
+        return [] if kind == 4 else list(rects)
+
+    def with_crowd(target: dict) -> dict:
+        target["crowd"] = torch.from_numpy(rng.random(len(target["masks"])) < 0.15)
+        return target
+
+    for target in targets:
+        rects = [tuple(int(v) for v in box) for box in target["boxes"].tolist()]
+        target["extra_sets"] = [with_crowd(pair(variant(rects), exhaustive=bool(rng.random() > 0.07)))
+                                for _ in range(2)]
+        with_crowd(target)
+    for annotated in (targets[0], *targets[0]["extra_sets"]):  # pair 0 is scored, against set a's targets at least
+        annotated["exhaustive"] = True
+    targets[0]["crowd"][:] = False
+    return preds, targets
+
+
 # -------------------------------------------------------------------------------- IoU arithmetic
 
 
@@ -182,6 +219,78 @@ def test_cgf1_partial_iou_passes_some_thresholds():
         assert value(out, prefix + "cgF1@75") == 0
 
 
+def with_sets(target: dict, *others: dict) -> dict:
+    return {**target, "extra_sets": list(others)}
+
+
+def test_cgf1_scores_each_pair_against_its_best_annotation_set():
+    pred = pair([(0, 0, 4, 4), (6, 6, 10, 10)], [0.9, 0.8])
+    a, b = pair([(0, 0, 4, 4)]), pair([(0, 0, 4, 4), (6, 6, 10, 10)])  # b saw both objects
+    one_set, oracle, b_alone = CGF1(), CGF1(), CGF1()
+    one_set.update([pred, pair([], [])], [a, pair([])])
+    oracle.update([pred, pair([], [])], [with_sets(a, b), pair([])])
+    b_alone.update([pred, pair([], [])], [b, pair([])])
+    out, ref = oracle.compute(), b_alone.compute()
+    assert value(one_set.compute(), "pmF1") == pytest.approx(100 * f1_by_hand(1, 1, 0), rel=1e-13)
+    assert value(out, "pmF1") == pytest.approx(100 * f1_by_hand(2, 0, 0), rel=1e-13)
+    for key in ref:  # the pair was scored against set b, whose F1 is higher
+        assert torch.equal(out[key], ref[key]), key
+    # The same sets in the other order choose b as well: nothing favours the first set but ties.
+    swapped = CGF1()
+    swapped.update([pred, pair([], [])], [with_sets(b, a), pair([])])
+    for key in ref:
+        assert torch.equal(swapped.compute()[key], ref[key]), key
+
+
+def test_cgf1_best_set_rules_without_predictions():
+    none = pair([], [])
+    # A set that calls the phrase absent makes a pair without predictions a true negative.
+    metric = CGF1()
+    metric.update([none], [with_sets(pair([(0, 0, 4, 4), (5, 5, 9, 9)]), pair([]))])
+    assert metric.segm_il.tolist() == [0, 0, 1, 0] and metric.segm_fn.tolist() == [0] * 10  # IL_TN, no FN
+    # All sets have targets: every local F1 is 0, a tie, so the first set's FN count stays (3, not 1).
+    metric = CGF1()
+    metric.update([none], [with_sets(pair([(0, 0, 3, 3), (4, 4, 7, 7), (8, 8, 11, 11)]), pair([(0, 0, 3, 3)]))])
+    assert metric.segm_fn.tolist() == [3] * 10 and metric.bbox_fn.tolist() == [3] * 10
+    assert metric.segm_il.tolist() == [0, 0, 0, 1]
+
+
+def test_cgf1_skips_pairs_non_exhaustive_in_any_set():
+    pred = pair([(0, 0, 4, 4)], [0.9])
+    metric = CGF1()
+    metric.update([pred, pred, pred], [with_sets(pair([(0, 0, 4, 4)]), pair([(0, 0, 4, 4)], exhaustive=False)),
+                                       with_sets(pair([(0, 0, 4, 4)], exhaustive=False), pair([(0, 0, 4, 4)])),
+                                       with_sets(pair([(0, 0, 4, 4)]), pair([(0, 0, 4, 4)]))])
+    out = metric.compute()
+    assert value(out, "num_skipped") == 2 and value(out, "num_pairs") == 1
+
+
+def test_cgf1_ignores_crowd_targets_but_scores_the_pair():
+    crowd_region = (0, 0, 6, 6)
+    preds = [pair([crowd_region, (7, 7, 11, 11)], [0.9, 0.9]), pair([crowd_region], [0.9]), pair([], [])]
+    targets = [pair([crowd_region, (7, 7, 11, 11)]), pair([crowd_region]), pair([])]
+    targets[0]["crowd"] = torch.tensor([True, False])
+    targets[1]["crowd"] = torch.tensor([True])
+    metric, removed = CGF1(), CGF1()
+    metric.update(preds, targets)
+    # The same as giving only the non-crowd targets: the pair counts, its prediction on the crowd
+    # region is a false positive (Meta's evaluator drops iscrowd ground truth before matching).
+    removed.update(preds, [pair([(7, 7, 11, 11)]), pair([]), pair([])])
+    out, ref = metric.compute(), removed.compute()
+    for key in ref:
+        assert torch.equal(out[key], ref[key]), key
+    assert value(out, "num_pairs") == 3 and value(out, "num_skipped") == 0
+    assert metric.segm_il.tolist() == [1, 1, 1, 0] and metric.segm_fp_pos.tolist() == [1] * 10
+
+
+def test_cgf1_scores_every_prediction():
+    preds = [pair([(i % 9, i % 7, i % 9 + 3, i % 7 + 3) for i in range(250)], [0.9] * 250)]
+    metric = CGF1(iou_types=("bbox",))
+    metric.update(preds, [pair([(0, 0, 3, 3)])])
+    assert metric.bbox_tp.tolist() == [1] * 10 and metric.bbox_fp_pos.tolist() == [249] * 10
+    assert value(metric.compute(), "IL_MCC") == value(metric.compute(), "box_IL_MCC")
+
+
 # ------------------------------------------------------------------------------ cgF1 brute force
 
 
@@ -243,9 +352,10 @@ def test_cgf1_agrees_with_brute_force_on_random_cases():
             assert value(out, key) == pytest.approx(ref, rel=1e-9, abs=1e-12), key
 
 
-def test_cgf1_sum_states_merge_like_one_process():
+@pytest.mark.parametrize("case", [random_case, random_multi_case])
+def test_cgf1_sum_states_merge_like_one_process(case):
     rng = np.random.default_rng(2)
-    preds, targets = random_case(rng, 12)
+    preds, targets = case(rng, 12)
     whole, rank0, rank1 = CGF1(), CGF1(), CGF1()
     whole.update(preds, targets)
     rank0.update(preds[:3], targets[:3])  # ranks saw different numbers of pairs
@@ -283,32 +393,44 @@ def _rle_json(mask: torch.Tensor) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].decode()}
 
 
-def test_cgf1_matches_meta_evaluator(tmp_path):
-    meta = _meta_cgf1_module()
-    rng = np.random.default_rng(3)
-    preds, targets = random_case(rng, 40)
-    images, gts, dts = [], [], []
-    for image_id, (pred, target) in enumerate(zip(preds, targets), start=1):
-        images.append({"id": image_id, "height": H, "width": W, "is_instance_exhaustive": target["exhaustive"]})
-        for mask, box in zip(target["masks"], target["boxes"].tolist()):
-            x0, y0, x1, y1 = box
-            gts.append({"id": len(gts) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                        "segmentation": _rle_json(mask), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": float(mask.sum())})
+def write_meta_files(folder: Path, preds: list[dict], targets: list[dict]) -> tuple[list[str], str]:
+    """SA-Co style GT files, one per annotation set (the target's own, then its ``extra_sets``), with
+    ``iscrowd`` from the optional ``crowd`` flags; and the COCO result file of the predictions."""
+    n_sets = 1 + len(targets[0].get("extra_sets", []))
+    gt_paths = []
+    for k in range(n_sets):
+        images, gts = [], []
+        for image_id, target in enumerate(targets, start=1):
+            annotated = target if k == 0 else target["extra_sets"][k - 1]
+            images.append({"id": image_id, "height": H, "width": W, "is_instance_exhaustive": annotated["exhaustive"]})
+            crowd = annotated.get("crowd", torch.zeros(len(annotated["masks"]), dtype=torch.bool)).tolist()
+            for mask, box, is_crowd in zip(annotated["masks"], annotated["boxes"].tolist(), crowd):
+                x0, y0, x1, y1 = box
+                gts.append({"id": len(gts) + 1, "image_id": image_id, "category_id": 1, "iscrowd": int(is_crowd),
+                            "segmentation": _rle_json(mask), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": float(mask.sum())})
+        gt_paths.append(str(folder / f"gt_{'abcdefgh'[k]}.json"))
+        Path(gt_paths[-1]).write_text(json.dumps({"images": images, "annotations": gts,
+                                                  "categories": [{"id": 1, "name": "c"}]}))
+    dts = []
+    for image_id, pred in enumerate(preds, start=1):
         for mask, box, score in zip(pred["masks"], pred["boxes"].tolist(), pred["scores"].tolist()):
             x0, y0, x1, y1 = box
             dts.append({"image_id": image_id, "category_id": 1, "score": score,
                         "segmentation": _rle_json(mask), "bbox": [x0, y0, x1 - x0, y1 - y0]})
-    gt_path, pred_path = tmp_path / "gt.json", tmp_path / "pred.json"
-    gt_path.write_text(json.dumps({"images": images, "annotations": gts, "categories": [{"id": 1, "name": "c"}]}))
+    pred_path = folder / "pred.json"
     pred_path.write_text(json.dumps(dts))
+    return gt_paths, str(pred_path)
 
-    metric = CGF1()
-    metric.update(preds, targets)
-    ours = metric.compute()
-    assert value(ours, "num_pairs") > 20 and value(ours, "num_skipped") > 0
-    for iou_type, prefix in (("segm", ""), ("bbox", "box_")):
-        theirs = meta.CGF1Evaluator(str(gt_path), iou_type=iou_type).evaluate(str(pred_path))
+
+def assert_meta_parity(ours: dict, gt_paths: list[str], pred_path: str, iou_types=("segm", "bbox")) -> None:
+    """Our compute() against Meta's ``CGF1Evaluator(gt_paths)`` for each IoU type: equal, bit for bit,
+    except the macro F1 (a float sum in another order)."""
+    meta = _meta_cgf1_module()
+    for iou_type in iou_types:
+        prefix = "" if iou_type == "segm" else "box_"
+        gt_path = gt_paths if len(gt_paths) > 1 else gt_paths[0]
+        theirs = meta.CGF1Evaluator(gt_path, iou_type=iou_type).evaluate(pred_path)
         ref = lambda name: theirs[f"cgF1_eval_{iou_type}_{name}"]  # noqa: E731
         exact = {"cgF1": "cgF1", "cgF1@50": "cgF1@0.5", "cgF1@75": "cgF1@0.75", "pmF1": "positive_micro_F1",
                  "pmF1@50": "positive_micro_F1@0.5", "pmF1@75": "positive_micro_F1@0.75",
@@ -318,7 +440,56 @@ def test_cgf1_matches_meta_evaluator(tmp_path):
             assert value(ours, prefix + ours_key) == 100 * ref(meta_key), (iou_type, ours_key)
         assert value(ours, prefix + "pmF1_macro") == pytest.approx(100 * ref("positive_macro_F1"), rel=1e-12)
         for key in ("IL_MCC", "IL_precision", "IL_recall", "IL_F1", "IL_FPR"):
-            assert value(ours, key) == ref(key), key
+            assert value(ours, prefix + key) == ref(key), (iou_type, key)
+
+
+def test_cgf1_matches_meta_evaluator(tmp_path):
+    _meta_cgf1_module()
+    rng = np.random.default_rng(3)
+    preds, targets = random_case(rng, 40)
+    metric = CGF1()
+    metric.update(preds, targets)
+    ours = metric.compute()
+    assert value(ours, "num_pairs") > 20 and value(ours, "num_skipped") > 0
+    assert_meta_parity(ours, *write_meta_files(tmp_path, preds, targets))
+    for key in ("IL_MCC", "IL_precision", "IL_recall", "IL_F1", "IL_FPR"):  # one set: one presence decision
+        assert torch.equal(ours[key], ours["box_" + key]), key
+
+
+def test_cgf1_matches_meta_evaluator_on_three_annotators(tmp_path):
+    """SA-Co Gold's setting: three GT files (annotators a, b, c) that disagree, crowd instances, pairs
+    non-exhaustive in one set only, and a pair with 150 detections; Meta's evaluator takes the list."""
+    _meta_cgf1_module()
+    rng = np.random.default_rng(6)
+    preds, targets = random_multi_case(rng, 60)
+    metric, set_a = CGF1(), CGF1()
+    metric.update(preds, targets)
+    set_a.update(preds, [{k: v for k, v in t.items() if k != "extra_sets"} for t in targets])
+    ours, only_a = metric.compute(), set_a.compute()
+    # The case exercises what it claims: sets b and c skip more pairs and change the score; crowd.
+    assert value(ours, "num_skipped") > value(only_a, "num_skipped") > 0 and value(ours, "num_pairs") > 40
+    assert value(ours, "cgF1") != value(only_a, "cgF1") and value(ours, "box_cgF1") != value(only_a, "box_cgF1")
+    assert sum(int(t["crowd"].sum()) for t in targets) > 3
+    assert int(metric.segm_fp_pos[0]) >= 148  # pair 0's 150 detections were all scored
+    assert_meta_parity(ours, *write_meta_files(tmp_path, preds, targets))
+
+
+def test_cgf1_presence_follows_the_set_chosen_for_each_iou_type(tmp_path):
+    """Set a calls the phrase absent, set b has one object. The prediction's box is b's box but its
+    mask only the box's 1-px border (IoU 28/64): boxes choose b (IL_TP), masks tie at F1 0 and keep a
+    (IL_FP). Meta runs one evaluator per IoU type, so its IL_MCC differs between them too."""
+    frame = pair([(0, 0, 8, 8)], [0.9])
+    frame["masks"][0, 1:7, 1:7] = False
+    preds = [frame, pair([(9, 9, 12, 12)], [0.8]), pair([], [])]
+    targets = [with_sets(pair([]), pair([(0, 0, 8, 8)]), pair([])),  # annotators a, b, c
+               with_sets(pair([(9, 9, 12, 12)]), pair([(9, 9, 12, 12)]), pair([(9, 9, 12, 12)])),
+               with_sets(pair([]), pair([]), pair([]))]
+    metric = CGF1()
+    metric.update(preds, targets)
+    out = metric.compute()
+    assert metric.segm_il.tolist() == [1, 1, 1, 0] and metric.bbox_il.tolist() == [2, 0, 1, 0]
+    assert value(out, "box_IL_MCC") > value(out, "IL_MCC")
+    assert_meta_parity(out, *write_meta_files(tmp_path, preds, targets))
 
 
 # ----------------------------------------------------------------------------------------- mAP

@@ -2,6 +2,7 @@
 
     python tools/make_shards.py coco   --annotations instances_val2017.json --images val2017/ --out DIR [--negatives 20]
     python tools/make_shards.py saco   --annotations saco_gold_fg.json --images images/ --out DIR
+    python tools/make_shards.py saco   --annotations gold_a.json gold_b.json gold_c.json --images images/ --out DIR
     python tools/make_shards.py images --images photos/ [--vocabulary phrases.txt] --out DIR
     python tools/make_shards.py shapes [--root datasets/shapes] [--train 2000 --val 200 --test 200]
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--seed", type=int, default=0)
     _common(coco, "coco")
     saco = sub.add_parser("saco", help="SA-Co style JSON ((image, phrase) pairs) + image folder")
-    saco.add_argument("--annotations", required=True)
+    saco.add_argument("--annotations", required=True, nargs="+",
+                      help="one SA-Co JSON, or SA-Co Gold's three annotators' files (a b c), scored best-of as Meta")
     saco.add_argument("--images", required=True)
     _common(saco, "saco")
     images = sub.add_parser("images", help="unlabelled image folder (data-engine pool)")

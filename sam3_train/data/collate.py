@@ -61,7 +61,14 @@ class Collator:
                                       torch.as_tensor(q["exemplar_labels"], dtype=torch.long)))
                 pair_image.append(b)
                 phrases.append(q["phrase"])
-                targets.append({"boxes": boxes[idx], "masks": masks[idx], "exhaustive": bool(q["exhaustive"])})
+                target = {"boxes": boxes[idx], "masks": masks[idx], "exhaustive": bool(q["exhaustive"]),
+                          "eval_exhaustive": bool(q.get("eval_exhaustive", q["exhaustive"]))}
+                if q.get("extra_sets"):  # other annotators' sets (SA-Co Gold), for evaluation
+                    target["extra_sets"] = [
+                        {"boxes": boxes[rows], "masks": masks[rows], "exhaustive": bool(s["exhaustive"])}
+                        for s in q["extra_sets"] for rows in [torch.as_tensor(s["instances"], dtype=torch.long)]
+                    ]
+                targets.append(target)
         num_ex = max((len(e[1]) for e in exemplars), default=0)
         exemplar_boxes = torch.zeros((len(phrases), num_ex, 4))
         exemplar_labels = torch.full((len(phrases), num_ex), -1, dtype=torch.long)

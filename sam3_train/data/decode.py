@@ -7,8 +7,10 @@ The target (all in pixels of the decoded image, before any transform)::
                     width), which equals the image's size unless JPEG drafting decoded it smaller;
                     ResizePad (in every transform recipe) decodes them on the output grid
     exemplar_boxes  [M, 4]  float32, absolute xyxy
-    queries         list of {"phrase": str, "exhaustive": bool,
+    queries         list of {"phrase": str, "exhaustive": bool, "eval_exhaustive": bool,
                              "instances": list[int] (rows of boxes / masks),
+                             "extra_sets": list of {"exhaustive": bool, "instances": list[int]}
+                                           (other annotators' sets, SA-Co Gold),
                              "exemplars": list[int] (rows of exemplar_boxes),
                              "exemplar_labels": list[int] (1 positive, 0 negative)}
     size            (h, w) of the image content (the transforms keep it up to date)
@@ -17,8 +19,10 @@ The target (all in pixels of the decoded image, before any transform)::
     key             the sample key
     image_id        the json's ``image_id`` (the key when it has none)
 
-Crowd instances are not targets; a query that has any is marked non-exhaustive so predictions on
-the crowd region are not counted as false positives (a compromise: the Batch has no ignore regions).
+Crowd instances are not targets. For training a query that has any is marked non-exhaustive, so
+predictions on the crowd region are not punished (the Batch has no ignore regions); for SA-Co
+scoring ``eval_exhaustive`` keeps the source's flag: Meta's evaluator ignores the crowd ground truth
+but still scores the pair and all its predictions.
 """
 
 from __future__ import annotations
@@ -82,17 +86,24 @@ def build_target(
     (JPEG drafting) boxes are scaled to it and masks stay at annotation resolution (see above).
     """
     boxes, rles, ex_boxes, out_queries = [], [], [], []
+
+    def add(instances: list[dict[str, Any]]) -> list[int]:
+        """Rows of the non-crowd ``instances`` in ``boxes`` / ``rles`` (crowd regions are not targets)."""
+        rows = []
+        for inst in instances:
+            if not inst.get("crowd", False):
+                x, y, w, h = (float(v) for v in inst["box"])
+                rows.append(len(boxes))
+                boxes.append([x, y, x + w, y + h])
+                rles.append(inst["rle"])
+        return rows
+
     for q in queries:
-        inst_ids, ex_ids, ex_labels = [], [], []
-        has_crowd = False
-        for inst in q["instances"]:
-            if inst.get("crowd", False):
-                has_crowd = True
-                continue
-            x, y, w, h = (float(v) for v in inst["box"])
-            inst_ids.append(len(boxes))
-            boxes.append([x, y, x + w, y + h])
-            rles.append(inst["rle"])
+        has_crowd = any(inst.get("crowd", False) for inst in q["instances"])
+        inst_ids = add(q["instances"])
+        extra_sets = [{"exhaustive": bool(s.get("exhaustive", True)), "instances": add(s.get("instances", []))}
+                      for s in q.get("extra_sets", [])]
+        ex_ids, ex_labels = [], []
         for ex in q.get("exemplars", []):
             x, y, w, h = (float(v) for v in ex["box"])
             ex_ids.append(len(ex_boxes))
@@ -101,8 +112,12 @@ def build_target(
         out_queries.append(
             {
                 "phrase": q["phrase"],
+                # Training reads a crowd pair as non-exhaustive (a crowd region may hold more instances);
+                # SA-Co scoring (Meta's evaluator) ignores crowd regions but still scores the pair.
                 "exhaustive": bool(q.get("exhaustive", True)) and not has_crowd,
+                "eval_exhaustive": bool(q.get("exhaustive", True)),
                 "instances": inst_ids,
+                "extra_sets": extra_sets,
                 "exemplars": ex_ids,
                 "exemplar_labels": ex_labels,
             }

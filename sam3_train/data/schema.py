@@ -9,11 +9,15 @@ A sample is two tar members sharing a key: the image bytes (``<key>.jpg`` / ``.p
                   "instances": [{"box": [x, y, w, h],               # absolute pixels
                                  "rle": {"size": [h, w], "counts": str},
                                  "crowd": bool}],                   # optional, default false
-                  "exemplars": [{"box": [x, y, w, h], "positive": bool}]}],
+                  "exemplars": [{"box": [x, y, w, h], "positive": bool}],
+                  "extra_sets": [{"exhaustive": bool,               # optional: further annotators'
+                                  "instances": [...]}]}],           # sets (evaluation only)
      "source": {...}}                                               # free-form provenance
 
 A query with no instances and ``exhaustive: true`` is a negative phrase (the concept is absent).
 ``exhaustive: false`` says unmatched predictions are not errors (unlabelled or partly labelled).
+``extra_sets`` (SA-Co Gold's annotators b and c; the query's own ``instances`` and ``exhaustive`` are
+set a) are read by evaluation only: cgF1 scores the pair against every set and keeps the best.
 Keys must not contain dots: WebDataset splits a member name at its first dot. Full description:
 docs/data_format.md.
 """
@@ -55,11 +59,17 @@ def query(
     *,
     exhaustive: bool = True,
     exemplars: list[dict[str, Any]] | None = None,
+    extra_sets: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One query entry; ``instances`` are ``{"box": xywh, "rle": RLE, "crowd"?: bool}``."""
+    """One query entry; ``instances`` are ``{"box": xywh, "rle": RLE, "crowd"?: bool}``; ``extra_sets``
+    are further annotation sets of the same pair, ``{"exhaustive": bool, "instances": [...]}`` each."""
     entry: dict[str, Any] = {"phrase": phrase, "exhaustive": bool(exhaustive), "instances": list(instances or [])}
     if exemplars:
         entry["exemplars"] = list(exemplars)
+    if extra_sets:
+        entry["extra_sets"] = [
+            {"exhaustive": bool(s.get("exhaustive", True)), "instances": list(s.get("instances") or [])} for s in extra_sets
+        ]
     return entry
 
 
@@ -70,6 +80,19 @@ def _check_box(box: Any, width: int, height: int, what: str) -> None:
     t = BOX_TOLERANCE
     if not (w >= 0 and h >= 0 and x >= -t and y >= -t and x + w <= width + t and y + h <= height + t):
         raise SampleError(f"{what}: box {list(box)} lies outside the {width}x{height} image")
+
+
+def _check_instances(instances: Any, width: int, height: int, what: str) -> None:
+    for ii, inst in enumerate(instances):
+        where = f"{what} instance {ii}"
+        if not isinstance(inst, dict) or "box" not in inst or "rle" not in inst:
+            raise SampleError(f"{where} needs 'box' and 'rle'")
+        _check_box(inst["box"], width, height, where)
+        rle = inst["rle"]
+        if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+            raise SampleError(f"{where}: 'rle' must be {{'size': [h, w], 'counts': str}}")
+        if [int(v) for v in rle["size"]] != [height, width]:
+            raise SampleError(f"{where}: RLE size {rle['size']} differs from the image {[height, width]}")
 
 
 def validate_meta(meta: Any) -> dict[str, Any]:
@@ -94,16 +117,16 @@ def validate_meta(meta: Any) -> dict[str, Any]:
         q.setdefault("exhaustive", True)
         q.setdefault("instances", [])
         q.setdefault("exemplars", [])
-        for ii, inst in enumerate(q["instances"]):
-            what = f"query {qi} ({q['phrase']!r}) instance {ii}"
-            if not isinstance(inst, dict) or "box" not in inst or "rle" not in inst:
-                raise SampleError(f"{what} needs 'box' and 'rle'")
-            _check_box(inst["box"], width, height, what)
-            rle = inst["rle"]
-            if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
-                raise SampleError(f"{what}: 'rle' must be {{'size': [h, w], 'counts': str}}")
-            if [int(v) for v in rle["size"]] != [height, width]:
-                raise SampleError(f"{what}: RLE size {rle['size']} differs from the image {[height, width]}")
+        _check_instances(q["instances"], width, height, f"query {qi} ({q['phrase']!r})")
+        extra_sets = q.get("extra_sets", [])
+        if not isinstance(extra_sets, list):
+            raise SampleError(f"query {qi} ({q['phrase']!r}): 'extra_sets' must be a list")
+        for si, extra in enumerate(extra_sets):
+            what = f"query {qi} ({q['phrase']!r}) extra set {si}"
+            if not isinstance(extra, dict) or not isinstance(extra.setdefault("instances", []), list):
+                raise SampleError(f"{what} must be {{'exhaustive': bool, 'instances': [...]}}")
+            extra.setdefault("exhaustive", True)
+            _check_instances(extra["instances"], width, height, what)
         for ei, ex in enumerate(q["exemplars"]):
             if not isinstance(ex, dict) or "box" not in ex:
                 raise SampleError(f"query {qi} exemplar {ei} needs 'box'")

@@ -7,7 +7,9 @@
 
 All take one entry per (image, phrase) pair: preds ``{"scores" [n], "masks" [n, H, W] bool,
 "boxes" [n, 4] xyxy pixels}``, targets ``{"masks" [m, H, W] bool, "boxes" [m, 4] xyxy pixels,
-"exhaustive" bool}``; :class:`PresenceAccuracy` takes presence probabilities [P] instead of preds.
+"exhaustive" bool}``; :class:`CGF1` also reads ``"crowd"`` [m] bool (ignored ground truth) and
+``"extra_sets"`` (other annotators' sets, scored best-of as SA-Co Gold); :class:`PresenceAccuracy`
+takes presence probabilities [P] instead of preds.
 """
 
 from sam3_train.metrics.cgf1 import CGF1, IOU_THRESHOLDS
