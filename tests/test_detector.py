@@ -20,8 +20,16 @@ PHRASES = ["red star", "blue circle", "small green square"]
 
 @pytest.fixture(scope="module")
 def detector() -> Sam3Detector:
+    # transformers' init: Meta's zeroes the box head's last layer, so every layer would give the same boxes.
     torch.manual_seed(0)
-    return build_detector("tiny", dropout=0.0).eval()
+    return build_detector("tiny", dropout=0.0, init="transformers").eval()
+
+
+@pytest.fixture(scope="module")
+def transformers_mode_detector() -> Sam3Detector:
+    """transformers' prompt mode (no exemplar encoder for text-only batches), to compare with Sam3Model."""
+    torch.manual_seed(0)
+    return build_detector("tiny", dropout=0.0, init="transformers", encode_empty_geometry=False).eval()
 
 
 def make_batch(det: Sam3Detector, phrases_per_image: list[list[str]], boxes: list[torch.Tensor] | None = None,
@@ -67,7 +75,8 @@ def exemplars():
 
 
 @pytest.mark.parametrize("prompt", ["text", "boxes", "text+boxes"])
-def test_eval_parity_with_transformers(detector, prompt):
+def test_eval_parity_with_transformers(transformers_mode_detector, prompt):
+    detector = transformers_mode_detector
     phrases = [["visual", "visual"], ["visual"]] if prompt == "boxes" else [PHRASES[:2], PHRASES[2:]]
     boxes, labels = exemplars() if prompt != "text" else (None, None)
     batch = make_batch(detector, phrases, boxes, labels)
@@ -164,6 +173,51 @@ def test_pairs_batched_equal_pairs_alone(detector):
             out = detector(alone)
             for key in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit", "semantic_seg"):
                 torch.testing.assert_close(together[key][p : p + 1], out[key], atol=1e-5, rtol=0)
+
+
+def alone(batch: Batch, p: int) -> Batch:
+    """Pair ``p`` of ``batch`` as a batch of its own: its image, and only its real exemplar boxes (none for
+    a text-only pair), without the padding the batch gave it."""
+    i = int(batch.pair_image[p])
+    single = Batch(images=batch.images[i : i + 1], image_sizes=batch.image_sizes[i : i + 1], pair_image=torch.tensor([0]),
+                   input_ids=batch.input_ids[p : p + 1], attention_mask=batch.attention_mask[p : p + 1])
+    real = batch.exemplar_labels[p] >= 0
+    if real.any():
+        single.exemplar_boxes = batch.exemplar_boxes[p : p + 1, real]
+        single.exemplar_labels = batch.exemplar_labels[p : p + 1, real]
+    return single
+
+
+def mixed_prompt_batch(det: Sam3Detector) -> Batch:
+    """Two images, four pairs: text-only, text + one positive box, text-only, text + a positive and a negative box."""
+    boxes = [torch.zeros(0, 4), torch.tensor([[0.3, 0.3, 0.2, 0.2]]), torch.zeros(0, 4),
+             torch.tensor([[0.6, 0.5, 0.3, 0.4], [0.2, 0.7, 0.1, 0.1]])]
+    labels = [torch.zeros(0, dtype=torch.long), torch.tensor([1]), torch.zeros(0, dtype=torch.long), torch.tensor([1, 0])]
+    return make_batch(det, [PHRASES[:2], [PHRASES[2], PHRASES[0]]], boxes, labels)
+
+
+def test_each_pair_is_independent_of_its_batch_with_meta_prompts(detector):
+    """encode_empty_geometry=True (the default, Meta's): every prompt ends with the exemplar encoder's CLS
+    token, so a pair's outputs do not depend on the other pairs, their boxes or the box padding."""
+    assert detector.encode_empty_geometry
+    batch = mixed_prompt_batch(detector)
+    with torch.no_grad():
+        together = detector(batch)
+        for p in range(batch.num_pairs):
+            out = detector(alone(batch, p))
+            for key in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit", "semantic_seg"):
+                torch.testing.assert_close(together[key][p : p + 1], out[key], atol=1e-5, rtol=0, msg=f"pair {p} {key}")
+
+
+def test_transformers_prompt_mode_makes_text_only_pairs_depend_on_the_batch(transformers_mode_detector):
+    """The control of the test above: with encode_empty_geometry=False a text-only pair gets the CLS token
+    only when another pair of its batch has a box, so its outputs change with the batch."""
+    det = transformers_mode_detector
+    batch = mixed_prompt_batch(det)
+    with torch.no_grad():
+        together = det(batch)["pred_logits"][0]
+        by_itself = det(alone(batch, 0))["pred_logits"][0]
+    assert (together - by_itself).abs().max() > 1e-3
 
 
 def test_text_encoder_runs_once_per_distinct_phrase(detector):
@@ -325,7 +379,7 @@ def test_meta_init_starts_queries_apart_at_their_reference_boxes():
     torch.manual_seed(0)
     ours = build_detector("tiny", init="meta", dropout=0.0).train()
     torch.manual_seed(0)
-    plain = build_detector("tiny", dropout=0.0)
+    plain = build_detector("tiny", dropout=0.0, init="transformers")
     decoder = ours.detr_decoder
     reference = decoder.reference_points.weight.detach().sigmoid()  # [Q, 4] cxcywh
     assert all(0.8 < float(e.weight.detach().std()) < 1.2 for e in (decoder.query_embed, decoder.reference_points))

@@ -21,7 +21,9 @@ fi
 # shellcheck disable=SC2086
 python -m pip install -q ${TORCH_SPEC:-$default_torch}
 python -m pip install -q -e ".[dev]"
-# Meta's reference implementation, for parity tests only (its evaluator file is read directly; its
-# own dependencies, timm and friends, are not needed for that, hence --no-deps).
+# Meta's reference implementation, for parity tests only: its evaluator file is read directly, and
+# tests/test_meta_parity.py builds its image model on the CPU. --no-deps because its pins (numpy<2.4,
+# tqdm<4.68, ...) conflict with ours; what its model code imports (timm, iopath, einops, psutil) is in
+# the dev extras above.
 python -m pip install -q --no-deps "sam3==0.1.4"
 python -c "import torch, torchvision, transformers, lightning; print('sam3-train env: torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__, '| lightning', lightning.__version__)"

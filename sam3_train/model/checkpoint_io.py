@@ -69,7 +69,8 @@ def read_detector_state(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _listing(keys: list[str], limit: int = 12) -> str:
+def listing(keys: list[str], limit: int = 12) -> str:
+    """Up to ``limit`` names, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -85,11 +86,11 @@ def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Ten
     )
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"missing keys: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems.append(f"unexpected keys: {listing(unexpected)}")
     if misshapen:
-        problems.append(f"shape mismatches: {_listing(misshapen)}")
+        problems.append(f"shape mismatches: {listing(misshapen)}")
     return problems
 
 

@@ -40,7 +40,7 @@ from sam3_train.data.batch import Batch
 from sam3_train.model import checkpoint_io
 from sam3_train.model.decoder import run_decoder
 from sam3_train.model.presets import preset_config
-from sam3_train.model.tokenizer import Sam3Tokenizer
+from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
 Init = Literal["transformers", "xavier", "meta"]
@@ -55,15 +55,18 @@ class Sam3Detector(Sam3Model):
         config: the transformers ``Sam3Config``.
         dac: duplicate the queries into one-to-one and one-to-many halves in training mode.
         activation_checkpointing: recompute ViT, DETR-encoder and decoder layers in the backward pass.
-        encode_empty_geometry: run the exemplar-box encoder (and so add its CLS token to the prompt)
-            even when no pair has a box, as Meta's trainer does. Off by default to match
-            transformers' inference, which skips it for text-only prompts.
+        encode_empty_geometry: run the exemplar-box encoder for every pair, text-only ones included,
+            so every prompt ends with the encoder's CLS token: what Meta's SAM 3 always does, and how
+            the released weights were trained (the default). ``False`` is transformers' inference,
+            which skips the encoder when no pair of the batch has a box; a text-only pair then gets
+            the CLS token only when another pair of its batch has a box, so its output depends on
+            the rest of the batch. Use ``False`` only to compare with transformers.
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
-        init: how a model trained from scratch starts: ``transformers`` (normal, std 0.02, for every
-            weight), ``xavier`` (Xavier-uniform linear weights, zero biases) or ``meta`` (what Meta's
-            SAM 3 code does, see :meth:`reset_parameters_as_meta`). At small widths transformers'
-            init leaves the heads ignoring their input (a presence logit constant across pairs) and
-            starts every query at the same box.
+        init: how a model trained from scratch starts: ``meta`` (the default: what Meta's SAM 3 code
+            does, see :meth:`reset_parameters_as_meta`), ``xavier`` (Xavier-uniform linear weights, zero
+            biases) or ``transformers`` (normal, std 0.02, for every weight). Loading a checkpoint
+            overwrites it. At small widths transformers' init leaves the heads ignoring their input
+            (a presence logit constant across pairs) and starts every query at the same box.
     """
 
     def __init__(
@@ -72,9 +75,9 @@ class Sam3Detector(Sam3Model):
         *,
         dac: bool = True,
         activation_checkpointing: bool = False,
-        encode_empty_geometry: bool = False,
+        encode_empty_geometry: bool = True,
         tokenizer: Sam3Tokenizer | None = None,
-        init: Init = "transformers",
+        init: Init = "meta",
     ):
         super().__init__(config)
         if init == "xavier":
@@ -189,7 +192,9 @@ class Sam3Detector(Sam3Model):
         image_levels: list[torch.Tensor],
         image_pos: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text tokens followed by encoded exemplar boxes (+ CLS): [P, L + E + 1, C] and its mask."""
+        """Text tokens followed by the encoded exemplar boxes and the CLS token: [P, L + E + 1, C] and
+        its mask [P, L + E + 1] bool (padding boxes, label -1, masked out). Only the text [P, L, C]
+        when no pair has a box and ``encode_empty_geometry`` is off (transformers' behaviour)."""
         num_pairs = text.shape[0]
         has_boxes = boxes is not None and box_labels is not None and bool((box_labels >= 0).any())
         if not (has_boxes or self.encode_empty_geometry):
@@ -293,12 +298,15 @@ class Sam3Detector(Sam3Model):
 
         Reads the released ``facebook/sam3`` layout (a video config whose ``detector_config`` is the
         detector, weights under ``detector_model.``; tracker weights are skipped) and directories
-        written by :meth:`save_pretrained`. Its tokenizer files are used when present. Missing or
-        unexpected keys and wrong shapes fail with a message that names them.
+        written by :meth:`save_pretrained` or ``tools/convert_checkpoint.py`` (Meta's ``sam3.pt``).
+        Its tokenizer files are used when present. Missing or unexpected keys and wrong shapes fail
+        with a message that names them. ``kwargs`` go to the constructor: ``dac``,
+        ``activation_checkpointing``, ``encode_empty_geometry`` (default True, Meta's behaviour), ...
         """
         directory = checkpoint_io.check_directory(directory)
         config = checkpoint_io.read_config(directory)
         tokenizer = kwargs.pop("tokenizer", None) or Sam3Tokenizer.from_dir_or_open_clip(directory)
+        kwargs.setdefault("init", "transformers")  # the cheapest: every weight is overwritten next
         detector = cls(config, tokenizer=tokenizer, **kwargs)
         state = checkpoint_io.read_detector_state(directory)
         checkpoint_io.load_state_strict(detector, state, source=directory)
@@ -311,7 +319,7 @@ class Sam3Detector(Sam3Model):
 
 
 def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpointing: bool = False,
-                   encode_empty_geometry: bool = False, init: Init = "transformers",
+                   encode_empty_geometry: bool = True, init: Init = "meta",
                    **overrides: Any) -> Sam3Detector:
     """A randomly initialised detector of a preset size (``tiny``, ``small``, ``sam3``).
 
