@@ -27,11 +27,15 @@ from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
-from sam3_train.model import Sam3Detector, build_detector
-from sam3_train.model.detector import Init
-from sam3_train.model.checkpoint_io import state_mismatch
-from sam3_train.model.postprocess import postprocess
-from sam3_train.model.presets import preset_config
+from sam3_train.model import (
+    ImageSizeError,
+    Init,
+    Sam3Detector,
+    build_detector,
+    postprocess,
+    set_vit_drop_path,
+    state_mismatch,
+)
 from sam3_train.optim import Schedule, param_groups, schedule_factor
 from sam3_train.resume import ExactResume
 
@@ -48,18 +52,23 @@ class Sam3LitModule(L.LightningModule):
             nested sub-config dicts).
         pretrained: local HF-format checkpoint directory (``facebook/sam3`` layout) to fine-tune from;
             overrides ``preset``.
-        init: initialisation when training from scratch (``xavier``, or transformers' own); ignored
-            with ``pretrained``.
+        init: initialisation when training from scratch: ``meta`` (Meta's SAM 3 code, the default),
+            ``xavier`` or ``transformers`` (see ``Sam3Detector``); ignored with ``pretrained``.
         dac: DAC-DETR one-to-many half in training.
+        encode_empty_geometry: run the exemplar-box encoder for text-only prompts too, adding its CLS
+            token, as Meta's SAM 3 trains and predicts (the released weights expect it); False equals
+            transformers' ``Sam3Model``, which skips it without boxes.
+        drop_path: ViT stochastic depth, growing linearly over the blocks to this rate (Meta: 0.1).
         activation_checkpointing: recompute ViT, DETR-encoder and decoder activations in backward.
         freeze_vision, freeze_text: keep those encoders fixed.
         criterion: the objective (default: SAM 3's segmentation fine-tuning weights).
         lr, lr_vision, lr_text: base learning rates of the transformer/heads, vision and text groups.
         layer_decay: vision learning rate decay per ViT block towards the input.
-        weight_decay: AdamW weight decay (none on norms, biases, embeddings).
+        weight_decay: AdamW weight decay (none on biases and LayerNorms, as Meta's configs).
         schedule, warmup_steps, cooldown_steps, timescale: learning-rate schedule (see optim.py).
         eval_score_threshold: detections kept for mAP (cgF1 applies its own 0.5).
-        max_detections: detections per pair kept for evaluation and prediction.
+        max_detections: detections per pair kept for prediction and mAP (cgF1 also reads every
+            detection above its 0.5 threshold, as Meta's evaluator scores every query).
         max_consecutive_skipped_steps: optimiser steps in a row skipped for a non-finite loss or
             gradient after which training stops with an error (None: never stop).
     """
@@ -71,8 +80,10 @@ class Sam3LitModule(L.LightningModule):
         image_size: int | None = None,
         model_overrides: dict[str, Any] | None = None,
         pretrained: str | None = None,
-        init: Init = "xavier",
+        init: Init = "meta",
         dac: bool = True,
+        encode_empty_geometry: bool = True,
+        drop_path: float = 0.0,
         activation_checkpointing: bool = False,
         freeze_vision: bool = False,
         freeze_text: bool = False,
@@ -96,7 +107,8 @@ class Sam3LitModule(L.LightningModule):
         self.save_hyperparameters(ignore=["criterion"])
         if pretrained:
             self.detector: Sam3Detector = Sam3Detector.from_pretrained(
-                pretrained, dac=dac, activation_checkpointing=activation_checkpointing
+                pretrained, dac=dac, activation_checkpointing=activation_checkpointing,
+                encode_empty_geometry=encode_empty_geometry,
             )
             if image_size is not None and image_size != self.detector.image_size:
                 raise ValueError(
@@ -109,12 +121,12 @@ class Sam3LitModule(L.LightningModule):
                 overrides["image_size"] = image_size
             try:
                 self.detector = build_detector(
-                    preset, dac=dac, activation_checkpointing=activation_checkpointing, init=init, **overrides
+                    preset, dac=dac, activation_checkpointing=activation_checkpointing, init=init,
+                    encode_empty_geometry=encode_empty_geometry, **overrides
                 )
-            except ValueError as exn:
-                if image_size is None or "patch_size" not in str(exn):
-                    raise
-                raise ValueError(_bad_image_size(preset, image_size, str(exn))) from None
+            except ImageSizeError as exn:
+                raise ValueError(f"data.image_size={exn.image_size} does not fit the {preset!r} preset: {exn}") from None
+        set_vit_drop_path(self.detector.vision_encoder.backbone.layers, drop_path)
         for flag, module in ((freeze_vision, self.detector.vision_encoder), (freeze_text, self.detector.text_encoder)):
             if flag:
                 module.requires_grad_(False)
@@ -151,10 +163,6 @@ class Sam3LitModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Batch) -> dict[str, Any]:
         return self.detector(batch)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(
-            batch, device, dataloader_idx)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         outputs = self.detector(batch)
@@ -221,10 +229,11 @@ class Sam3LitModule(L.LightningModule):
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
         outputs = self.detector(batch)
+        # Every detection cgF1 reads (>= its 0.5) is kept, uncapped as in Meta's evaluator; mAP keeps its top 100.
         preds = postprocess(outputs, batch, score_threshold=self.hparams.eval_score_threshold,
-                            max_detections=self.hparams.max_detections)
+                            max_detections=self.hparams.max_detections, keep_above=metrics["cgf1"].score_threshold)
         targets = eval_targets(batch)
-        metrics["cgf1"].update(preds, targets)
+        metrics["cgf1"].update(preds, cgf1_targets(batch, targets))
         metrics["map"].update(preds, targets)
         metrics["presence"].update(outputs["presence_logit"].sigmoid(), targets)
         return preds
@@ -305,16 +314,6 @@ def _tensors(value: Any):
             yield from _tensors(v)
 
 
-def _bad_image_size(preset: str, image_size: int, reason: str) -> str:
-    backbone = preset_config(preset).vision_config.backbone_config
-    step = backbone.patch_size * backbone.window_size  # one attention window of patches
-    low = max(step, image_size // step * step)
-    sizes = sorted({low, low + step} | ({low - step} if low > step else set()))
-    return (f"data.image_size={image_size} does not fit the {preset!r} preset: {reason} The input side must be a "
-            f"multiple of {step} px ({backbone.window_size} x {backbone.window_size} patches of {backbone.patch_size} "
-            f"px per attention window); {step} is the smallest. Use e.g. {', '.join(map(str, sizes))}.")
-
-
 def eval_targets(batch: Batch) -> list[dict[str, Any]]:
     """Batch targets in the metric's frame: the image content inside the input, pixels, xyxy."""
     side = batch.images.shape[-1]
@@ -327,3 +326,16 @@ def eval_targets(batch: Batch) -> list[dict[str, Any]]:
             "exhaustive": bool(target["exhaustive"]),
         })
     return targets
+
+
+def cgf1_targets(batch: Batch, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``eval_targets`` as SA-Co scores them: the source's exhaustive flag (crowd regions are ignored,
+    the pair still scored) and the other annotators' sets (``extra_sets``, SA-Co Gold)."""
+    side = batch.images.shape[-1]
+    out = []
+    for p, (raw, target) in enumerate(zip(batch.targets, targets)):
+        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
+        extra = [{"masks": s["masks"][:, :h, :w], "boxes": cxcywh_to_xyxy(s["boxes"].float()) * side,
+                  "exhaustive": bool(s["exhaustive"])} for s in raw.get("extra_sets", [])]
+        out.append({**target, "exhaustive": bool(raw.get("eval_exhaustive", raw["exhaustive"])), "extra_sets": extra})
+    return out

@@ -1,8 +1,10 @@
 """Optimiser parameter groups and learning-rate schedules as in SAM 3's fine-tuning configs.
 
-Groups: the vision encoder (its own learning rate, decayed layer by layer towards the input), the
-text encoder (its own, small learning rate) and everything else (DETR encoder/decoder, heads).
-Norms, biases and embeddings get no weight decay.
+Groups: the vision encoder (its own learning rate, decayed layer by layer towards the input, as
+Meta's ``layer_decay_param_modifier`` with its ``*pos_embed*`` override: the position embedding
+and the neck train at the full vision rate), the text encoder (its own, small learning rate) and
+everything else (DETR encoder/decoder, heads). As in Meta's configs, only biases (``*bias*``) and
+``torch.nn.LayerNorm`` parameters are exempt from weight decay; embeddings and other norms decay.
 
 Schedules return a multiplier of each group's base learning rate for a step:
 - ``inverse_sqrt`` (Meta's ``InverseSquareRootParamScheduler``): linear warm-up, then
@@ -24,8 +26,14 @@ Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 _VIT_LAYER = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or "norm" in name or "embed" in name or name.endswith(".bias")
+_FULL_VISION_RATE = re.compile(r"^vision_encoder\.backbone\.embeddings\.position_embeddings$")  # Meta: *pos_embed*
+
+
+def _layer_norm_parameters(model: nn.Module) -> set[str]:
+    """Names of parameters owned by a ``torch.nn.LayerNorm`` (Meta matches the class exactly)."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if type(module) is nn.LayerNorm
+            for name, _ in module.named_parameters(recurse=False)}
 
 
 def param_groups(
@@ -39,10 +47,12 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups keyed by (part, vision depth, decay). Frozen parameters are left out.
 
-    Vision depth: patch/position embeddings 0, ViT block i at i + 1, the neck at num_layers + 1; the
-    learning rate is ``lr_vision * layer_decay ** (num_layers + 1 - depth)``.
+    Vision depth: the patch embedding and pre-norm 0, ViT block i at i + 1, the position embedding
+    and the neck at num_layers + 1; the learning rate is ``lr_vision * layer_decay ** (num_layers + 1 -
+    depth)``.
     """
     vit_layers = sum(1 for n, _ in model.named_modules() if re.fullmatch(r"vision_encoder\.backbone\.layers\.\d+", n))
+    layer_norms = _layer_norm_parameters(model)
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -51,7 +61,7 @@ def param_groups(
             match = _VIT_LAYER.match(name)
             if match:
                 depth = int(match.group(1)) + 1
-            elif name.startswith("vision_encoder.backbone."):
+            elif name.startswith("vision_encoder.backbone.") and not _FULL_VISION_RATE.match(name):
                 depth = 0
             else:
                 depth = vit_layers + 1
@@ -60,7 +70,7 @@ def param_groups(
             part, rate = "text", lr_text
         else:
             part, rate = "transformer", lr
-        decay = 0.0 if _no_decay(name, param) else weight_decay
+        decay = 0.0 if "bias" in name or name in layer_norms else weight_decay
         key = (part, decay)
         group = groups.setdefault(key, {"params": [], "lr": rate, "weight_decay": decay, "name": f"{part}/wd{decay:g}"})
         group["params"].append(param)

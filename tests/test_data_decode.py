@@ -73,3 +73,31 @@ def test_draft_decoding_keeps_masks_and_boxes_aligned():
     assert m.shape == (224, 224) and m.sum() > 0
     bright = image.mean(0) > 0.5
     assert (m == bright).float().mean() > 0.99  # the mask lies on the white pixels
+
+
+def test_exemplar_box_jitter_follows_meta():
+    """Meta's RandomizeInputBbox (std 0.1 of the side, at most 20 px, clipped to the image), by hand."""
+    from sam3_train.data.transforms import JitterExemplarBoxes
+
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 110.0, 60.0], [190.0, 0.0, 200.0, 4.0]])  # 100 x 50, 10 x 4
+    rng = random.Random(7)
+    draws = random.Random(7)
+    noise = torch.tensor([[draws.gauss(0.0, 0.1) for _ in range(4)] for _ in range(2)])
+    _, target = JitterExemplarBoxes()(image, {"exemplar_boxes": boxes.clone()}, rng)
+    expected = boxes + (noise * torch.tensor([[100.0, 50, 100, 50], [10, 4, 10, 4]])).clamp(-20, 20)
+    expected = torch.minimum(expected.clamp(min=0), torch.tensor([200.0, 100, 200, 100]))
+    torch.testing.assert_close(target["exemplar_boxes"], expected)
+    # A move larger than 20 px is clipped: std 1 on a 100 px side.
+    _, big = JitterExemplarBoxes(std=1.0)(image, {"exemplar_boxes": boxes[:1].clone()}, random.Random(0))
+    assert (big["exemplar_boxes"] - boxes[:1]).abs().max() <= 20
+    # A box the noise would leave without area keeps its corners; no jitter at std 0.
+    class Leftwards:  # every draw -5 std: each corner moves 5 sides left / up, to the image border
+        def gauss(self, mu, sigma):
+            return -5.0 * sigma
+
+    box = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    _, kept = JitterExemplarBoxes(std=1.0, max_pixels=None)(image, {"exemplar_boxes": box.clone()}, Leftwards())
+    assert torch.equal(kept["exemplar_boxes"], box)  # all corners would clip to 0: no area
+    _, same = JitterExemplarBoxes(std=0.0)(image, {"exemplar_boxes": boxes.clone()}, random.Random(0))
+    assert torch.equal(same["exemplar_boxes"], boxes)

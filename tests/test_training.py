@@ -29,14 +29,20 @@ def test_param_groups_follow_sam3_fine_tuning():
     assert group("vision_encoder.neck.fpn_layers.0.proj1.weight")["lr"] == pytest.approx(2.5e-5)
     assert group("vision_encoder.backbone.embeddings.patch_embeddings.projection.weight")["lr"] == pytest.approx(
         2.5e-5 * 0.9 ** (layers + 1))
+    # Meta's *pos_embed* override: the position embedding trains at the full vision rate.
+    assert group("vision_encoder.backbone.embeddings.position_embeddings")["lr"] == pytest.approx(2.5e-5)
+    assert group("vision_encoder.backbone.layer_norm.weight")["lr"] == pytest.approx(2.5e-5 * 0.9 ** (layers + 1))
     assert group("text_encoder.text_model.encoder.layers.0.mlp.fc1.weight")["lr"] == 5e-6
     assert group("detr_decoder.layers.0.mlp.fc1.weight")["lr"] == 8e-5
-    # No weight decay on norms, biases and embeddings.
+    # As Meta's configs: no weight decay on *bias* and torch.nn.LayerNorm parameters only.
     assert group("detr_decoder.layers.0.mlp.fc1.weight")["weight_decay"] == 0.1
     assert group("detr_decoder.layers.0.mlp.fc1.bias")["weight_decay"] == 0.0
     assert group("detr_decoder.layers.0.mlp_layer_norm.weight")["weight_decay"] == 0.0
-    assert group("detr_decoder.query_embed.weight")["weight_decay"] == 0.0
-    assert group("text_encoder.text_model.embeddings.token_embedding.weight")["weight_decay"] == 0.0
+    assert group("vision_encoder.backbone.layer_norm.weight")["weight_decay"] == 0.0
+    assert group("detr_decoder.query_embed.weight")["weight_decay"] == 0.1
+    assert group("text_encoder.text_model.embeddings.token_embedding.weight")["weight_decay"] == 0.1
+    assert group("vision_encoder.backbone.embeddings.position_embeddings")["weight_decay"] == 0.1
+    assert group("mask_decoder.pixel_decoder.norms.0.weight")["weight_decay"] == 0.1  # a GroupNorm
 
 
 def test_frozen_encoders_are_left_out_of_the_optimiser():
@@ -75,7 +81,7 @@ def test_overfits_a_fixed_batch_of_eight_images(shapes_batch):
     Fails if gradients, matching or the weighting were wrong (the model would not fit what it sees).
     """
     torch.manual_seed(0)
-    module = Sam3LitModule(preset="tiny", model_overrides={"dropout": 0.0})
+    module = Sam3LitModule(preset="tiny", init="xavier", model_overrides={"dropout": 0.0})  # the init it was written for
     optimizer = torch.optim.AdamW(module.detector.parameters(), lr=1e-3)
     module.train()
     history = []

@@ -35,7 +35,9 @@ from sam3_train.data.phrases import select_queries
 from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.shapes import DEFAULT_SPLITS, ensure_shapes_shards
 from sam3_train.data.shards import expand_urls
+from sam3_train.data.tokenizer import Sam3Tokenizer
 from sam3_train.data.transforms import eval_transforms, train_transforms
+from sam3_train.dist import rank_and_world
 
 
 def _select(queries: list[dict], rng: random.Random, *, max_queries: int | None, negative_share: float) -> list[dict]:
@@ -66,6 +68,8 @@ class Sam3DataModule(L.LightningDataModule):
         min_scale: smallest training resize as a share of S (SAM 3: 480 / 1008); 1 disables it.
         square_resize: SAM 3's square resize; False keeps the aspect ratio (longest side).
         hflip: flip probability; color_jitter: strength of brightness / contrast / saturation jitter.
+        exemplar_box_noise, exemplar_box_noise_max: Meta's training jitter of exemplar boxes (std as a
+            fraction of the box side, clipped to max pixels); 0 turns it off.
         tokenizer_path: checkpoint folder with SAM 3's tokenizer files; None: CLIP's BPE vocabulary
             shipped with open_clip_torch (offline).
         pin_memory: pin batches for faster host-to-GPU copies.
@@ -96,6 +100,8 @@ class Sam3DataModule(L.LightningDataModule):
         square_resize: bool = True,
         hflip: float = 0.5,
         color_jitter: float = 0.2,
+        exemplar_box_noise: float = 0.1,
+        exemplar_box_noise_max: float | None = 20.0,
         tokenizer_path: str | None = None,
         pin_memory: bool = False,
     ):
@@ -113,6 +119,7 @@ class Sam3DataModule(L.LightningDataModule):
         self.resampled, self.steps_per_epoch, self.shuffle_buffer = resampled, steps_per_epoch, shuffle_buffer
         self.seed, self.min_scale, self.square_resize = seed, min_scale, square_resize
         self.hflip, self.color_jitter = hflip, color_jitter
+        self.exemplar_box_noise, self.exemplar_box_noise_max = exemplar_box_noise, exemplar_box_noise_max
         self.tokenizer_path = tokenizer_path
         self.pin_memory = pin_memory
         self.skip_counter = SkipCounter()
@@ -145,16 +152,11 @@ class Sam3DataModule(L.LightningDataModule):
                         "them first with tools/make_shards.py."
                     ) from None
         if self._tokenizer is None:
-            from sam3_train.model.tokenizer import Sam3Tokenizer
-
             self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(self.tokenizer_path)
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
+        return rank_and_world(getattr(self, "trainer", None))
 
     @property
     def skipped_samples(self) -> int:
@@ -173,7 +175,8 @@ class Sam3DataModule(L.LightningDataModule):
         if train:
             transforms = train_transforms(
                 image_size=self.image_size, min_scale=self.min_scale, square=self.square_resize,
-                hflip=self.hflip, color_jitter=self.color_jitter,
+                hflip=self.hflip, color_jitter=self.color_jitter, exemplar_box_noise=self.exemplar_box_noise,
+                exemplar_box_noise_max=self.exemplar_box_noise_max,
             )
         else:
             transforms = eval_transforms(image_size=self.image_size, square=self.square_resize)

@@ -62,6 +62,32 @@ class RandomHorizontalFlip:
         return image.flip(-1), target
 
 
+class JitterExemplarBoxes:
+    """Meta's ``RandomizeInputBbox``: each exemplar box's xyxy corners move by N(0, std) x its side
+    (std 0.1 of the width for x, of the height for y), each move clipped to ``max_pixels``, the box
+    clipped to the image; a box left with no area keeps its old corners. Training only, before the
+    resize (the noise is in source pixels, as Meta's transform runs before ``RandomResizeAPI``).
+    """
+
+    def __init__(self, *, std: float = 0.1, max_pixels: float | None = 20.0):
+        self.std, self.max_pixels = std, max_pixels
+
+    def __call__(self, image: torch.Tensor, target: Target, rng: random.Random) -> tuple[torch.Tensor, Target]:
+        boxes = target.get("exemplar_boxes")
+        if self.std <= 0 or boxes is None or not len(boxes):
+            return image, target
+        h, w = image.shape[-2:]
+        sides = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, dim=1)  # [M, 4] w h w h
+        noise = torch.tensor([[rng.gauss(0.0, self.std) for _ in range(4)] for _ in range(len(boxes))]) * sides
+        if self.max_pixels is not None:
+            noise = noise.clamp(-self.max_pixels, self.max_pixels)
+        limit = torch.tensor([w, h, w, h], dtype=boxes.dtype)
+        moved = torch.minimum((boxes + noise).clamp(min=0), limit)
+        area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
+        target["exemplar_boxes"] = torch.where((area > 0)[:, None], moved, boxes)
+        return image, target
+
+
 class ColorJitter:
     """Brightness, contrast and saturation, each a factor drawn from [1 - x, 1 + x], in random order.
 
@@ -191,12 +217,18 @@ def train_transforms(
     square: bool = True,
     hflip: float = 0.5,
     color_jitter: float = 0.2,
+    exemplar_box_noise: float = 0.1,
+    exemplar_box_noise_max: float | None = 20.0,
 ) -> Compose:
-    """SAM 3's training recipe at side ``image_size``: random square size, random pad, flip, colour jitter."""
+    """SAM 3's training recipe at side ``image_size``: exemplar-box jitter, random square size, random
+    pad, flip, colour jitter."""
     min_size = max(1, round(min_scale * image_size)) if min_scale < 1 else None
     # Resize first, while uint8 (torchvision's fast path) and before anything touches full-size masks;
     # a flip after a random-offset pad has the same distribution as one before it.
-    ts: list[Any] = [ResizePad(size=image_size, min_size=min_size, step=step, square=square, random_offset=True)]
+    ts: list[Any] = []
+    if exemplar_box_noise > 0:
+        ts.append(JitterExemplarBoxes(std=exemplar_box_noise, max_pixels=exemplar_box_noise_max))
+    ts.append(ResizePad(size=image_size, min_size=min_size, step=step, square=square, random_offset=True))
     if hflip > 0:
         ts.append(RandomHorizontalFlip(p=hflip))
     if color_jitter > 0:

@@ -101,6 +101,7 @@ def run_decoder(
         )
 
     states, boxes, presence_logits = [], [], []
+    previous = reference  # the box each layer refines, undetached (the learned reference boxes first)
     for layer in decoder.layers:
         query_pos = decoder.ref_point_head(decoder.position_encoding.encode_boxes(reference))
         rpb = decoder._get_rpb_matrix(reference, spatial_shape)  # [P, heads, copies*Q, N]
@@ -111,10 +112,14 @@ def run_decoder(
         hidden = checkpoint(step, *args, use_reentrant=False) if activation_checkpointing else step(*args)
 
         query_states = decoder.output_layer_norm(hidden[:, 1:])
-        new_reference = (decoder.box_head(query_states) + inverse_sigmoid(reference)).sigmoid()
-        reference = new_reference.detach()  # boxes are refined layer by layer, not back-propagated through
+        delta = decoder.box_head(query_states)
+        # "Look forward twice" (DINO; Meta's decoder and transformers' Sam3Model): this layer's output
+        # box refines the previous layer's box *with* its gradient, so its loss also trains the layer
+        # before; the next layer's input reference is detached. Both boxes have the same value.
+        boxes.append((delta + inverse_sigmoid(previous)).sigmoid())
+        previous = (delta + inverse_sigmoid(reference)).sigmoid()  # gradient into this layer only
+        reference = previous.detach()
         states.append(query_states)
-        boxes.append(new_reference)
         logit = decoder.presence_head(decoder.presence_layer_norm(hidden[:, :1])).squeeze(-1).squeeze(-1)
         limit = decoder.clamp_presence_logit_max_val
         presence_logits.append(logit.clamp(min=-limit, max=limit))
