@@ -1,13 +1,16 @@
-"""Lightning callbacks: prediction files, W&B validation pictures, and the end-of-run summary."""
+"""Lightning callbacks: prediction files, W&B validation pictures, the step rate with an early ETA,
+and the end-of-run summary."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
@@ -185,8 +188,65 @@ def _labels(phrase: str, n: int) -> dict[int, str]:
     return {0: "background", **{i + 1: f"{phrase} #{i + 1}" for i in range(max(n, 1))}}
 
 
+def matmul_gflops(size: int = 1024, seconds: float = 0.3) -> float:
+    """This machine's fp32 ``size`` x ``size`` matmul rate in GFLOP/s (best of repeats over ``seconds``):
+    the yardstick that makes a step time comparable across machines (they differ up to 2x)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 class RunSummary(L.Callback):
-    """At the end of ``fit`` (rank 0), prints the last validation metrics and where things are."""
+    """Prints, on rank 0, the measured step rate and an ETA early in ``fit`` (steps ``skip`` to
+    ``skip + window`` after the start, next to this machine's matmul rate), and at the end the last
+    validation metrics, the whole run's step rate and where things are.
+
+    Args:
+        skip: steps left out of the measurement (warm-up: first allocations, worker start).
+        window: steps the early measurement spans.
+    """
+
+    def __init__(self, *, skip: int = 10, window: int = 20):
+        self.skip, self.window = skip, window
+        self._start_step: int | None = None
+        self._marks: dict[int, float] = {}
+        self.gflops: float | None = None
+        self.fit_start: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step, self._marks = None, {}
+        self.fit_start = time.perf_counter()
+        if trainer.is_global_zero and pl_module.device.type == "cpu":
+            self.gflops = matmul_gflops()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._start_step is None:
+            self._start_step = trainer.global_step
+        done = trainer.global_step - self._start_step
+        if done in (self.skip, self.skip + self.window) and done not in self._marks:
+            self._marks[done] = time.perf_counter()
+            if done == self.skip + self.window and trainer.is_global_zero:
+                print(self._eta_line(trainer), flush=True)
+
+    def step_seconds(self) -> float | None:
+        """Seconds per optimiser step over the early window (None until it has passed)."""
+        if len(self._marks) < 2:
+            return None
+        return (self._marks[self.skip + self.window] - self._marks[self.skip]) / self.window
+
+    def _eta_line(self, trainer: L.Trainer) -> str:
+        per_step = self.step_seconds()
+        machine = f" on a machine whose 1024x1024 fp32 matmul runs at {self.gflops:.0f} GFLOP/s" if self.gflops else ""
+        line = f"sam3-train: {per_step:.3f} s a step (steps {self.skip}-{self.skip + self.window}){machine}"
+        if trainer.max_steps and trainer.max_steps > 0:
+            left = trainer.max_steps - trainer.global_step
+            line += f"; {left:,} steps left: about {left * per_step / 60:.0f} min of training, validation aside"
+        return line
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -207,4 +267,9 @@ class RunSummary(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, ValidationImages) and callback.last_dir is not None:
                 lines.append(f"  overlays                 {callback.last_dir}")
+        steps = trainer.global_step - (self._start_step or 0)
+        if self.fit_start is not None and steps > 0:
+            minutes = (time.perf_counter() - self.fit_start) / 60
+            machine = f", matmul {self.gflops:.0f} GFLOP/s" if self.gflops else ""
+            lines.append(f"  time                     {minutes:.1f} min for {steps:,} steps (validation included{machine})")
         print("\n".join(lines))
