@@ -2,9 +2,11 @@
 
 Groups: the vision encoder (its own learning rate, decayed layer by layer towards the input, as
 Meta's ``layer_decay_param_modifier`` with its ``*pos_embed*`` override: the position embedding
-and the neck train at the full vision rate), the text encoder (its own, small learning rate) and
-everything else (DETR encoder/decoder, heads). As in Meta's configs, only biases (``*bias*``) and
-``torch.nn.LayerNorm`` parameters are exempt from weight decay; embeddings and other norms decay.
+and the neck train at the full vision rate), the text encoder with the projection of its tokens to
+the model width (``text_projection``, Meta's ``language_backbone.resizer``; their own, small
+learning rate) and everything else (DETR encoder/decoder, heads). As in Meta's configs, only biases
+(``*bias*``) and ``torch.nn.LayerNorm`` parameters are exempt from weight decay; embeddings and
+other norms decay.
 
 Schedules return a multiplier of each group's base learning rate for a step:
 - ``inverse_sqrt`` (Meta's ``InverseSquareRootParamScheduler``): linear warm-up, then
@@ -26,6 +28,8 @@ Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 _VIT_LAYER = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
 
 
+# Meta's ``backbone.language_backbone.*``: CLIP and the resizer that projects its tokens to d_model.
+_TEXT = ("text_encoder.", "text_projection.")
 _FULL_VISION_RATE = re.compile(r"^vision_encoder\.backbone\.embeddings\.position_embeddings$")  # Meta: *pos_embed*
 
 
@@ -66,7 +70,7 @@ def param_groups(
             else:
                 depth = vit_layers + 1
             part, rate = f"vision{depth}", lr_vision * layer_decay ** (vit_layers + 1 - depth)
-        elif name.startswith("text_encoder."):
+        elif name.startswith(_TEXT):
             part, rate = "text", lr_text
         else:
             part, rate = "transformer", lr

@@ -24,6 +24,11 @@ call ``model.train()`` and pass ``find_target=meta_find_target(boxes, masks, exh
 ``aux_outputs``, matcher ``indices``, ...), ready for Meta's loss. Meta's decoder asserts activation
 checkpointing in training, so it is on (as released); dropout and drop-path default to 0 for
 deterministic parity.
+
+Training step (tests/test_meta_training_parity.py): :func:`meta_matcher`, :func:`meta_loss` (run it
+inside :func:`focal_loss_on_cpu`) and :func:`meta_optimizer` are Meta's matcher, loss and optimiser
+as its released fine-tuning config builds them; :func:`meta_tensors_as_ours` maps per-parameter
+tensors (gradients, updates) to our detector's names. The optimiser needs hydra-core and fvcore.
 """
 
 from __future__ import annotations
@@ -309,3 +314,139 @@ def run_meta(model: nn.Module, datapoint: Any) -> dict[str, Any]:
     outputs = model(datapoint)
     with SAM3Output.iteration_mode(outputs, SAM3Output.IterMode.LAST_STEP_PER_STAGE) as last:
         return last[-1]
+
+
+# ------------------------------------------------------------------ training: matchers, loss, optimiser
+# Meta's released fine-tuning recipe, sam3/train/configs/roboflow_v100/roboflow_v100_full_ft_100_images.yaml
+# (its commented "loss to be used for training in case of segmentation" block, and its optim block).
+
+
+def meta_matcher() -> Any:
+    """The one-to-one matcher of Meta's configs (``scratch.matcher``); pass it to
+    :func:`build_meta_image_model`, whose training forward matches every layer with it."""
+    from sam3.train.matcher import BinaryHungarianMatcherV2
+
+    return BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2,
+                                    stable=False)
+
+
+def meta_loss(matcher: Any = None) -> nn.Module:
+    """Meta's ``Sam3LossWrapper`` as its segmentation fine-tuning config builds it, with one process
+    (``normalization="local"``: the box count is not all-reduced). Call it as
+    ``meta_loss()(model(datapoint), [model.back_convert(find_target)])`` inside :func:`focal_loss_on_cpu`;
+    it returns Meta's named terms (one-to-many ones already times ``o2m_weight``) and ``core_loss``.
+
+    The mask loss is at full resolution (``Masks`` without ``num_sample_points``, as configured);
+    the semantic loss is ``SemanticSegCriterion`` (the config names it ``sam3.losses.loss_fns``, a
+    module path that does not exist; the class lives in ``sam3.train.loss.loss_fns``).
+    """
+    from sam3.train.loss import loss_fns
+    from sam3.train.loss.sam3_loss import Sam3LossWrapper
+    from sam3.train.matcher import BinaryOneToManyMatcher
+
+    return Sam3LossWrapper(
+        normalization="local",
+        matcher=matcher if matcher is not None else meta_matcher(),
+        o2m_weight=2.0,
+        o2m_matcher=BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4),
+        use_o2m_matcher_on_o2m_aux=False,
+        loss_fns_find=[
+            loss_fns.Boxes(weight_dict={"loss_bbox": 5.0, "loss_giou": 2.0}),
+            loss_fns.IABCEMdetr(weak_loss=False, weight_dict={"loss_ce": 20.0, "presence_loss": 20.0}, pos_weight=10.0,
+                                alpha=0.25, gamma=2, use_presence=True, pos_focal=False, pad_n_queries=200,
+                                pad_scale_pos=1.0),
+            loss_fns.Masks(focal_alpha=0.25, focal_gamma=2.0, weight_dict={"loss_mask": 200.0, "loss_dice": 10.0},
+                           compute_aux=False),
+        ],
+        loss_fn_semantic_seg=loss_fns.SemanticSegCriterion(
+            presence_head=True, presence_loss=False, focal=True, focal_alpha=0.6, focal_gamma=2.0, downsample=False,
+            weight_dict={"loss_semantic_seg": 20.0, "loss_semantic_presence": 1.0, "loss_semantic_dice": 30.0},
+        ),
+        scale_by_find_batch_size=True,
+    )
+
+
+@contextlib.contextmanager
+def focal_loss_on_cpu() -> Iterator[None]:
+    """Meta's loss modules call ``sigmoid_focal_loss(..., triton=True)`` (its default; GPU-only Triton
+    kernels): inside this context they get ``triton=False``, the same formula in torch (restored on exit)."""
+    from sam3.train.loss import loss_fns
+
+    original = loss_fns.sigmoid_focal_loss
+
+    def without_triton(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return original(*args, **{**kwargs, "triton": False})
+
+    loss_fns.sigmoid_focal_loss = without_triton
+    try:
+        yield
+    finally:
+        loss_fns.sigmoid_focal_loss = original
+
+
+def meta_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    lr_vision: float,
+    lr_text: float,
+    layer_decay: float,
+    weight_decay: float,
+    warmup_steps: int = 0,
+    cooldown_steps: int = 0,
+    timescale: int = 20,
+) -> Any:
+    """Meta's ``Optimizer`` (AdamW and its per-group schedulers) built by Meta's own
+    ``construct_optimizer`` from the config's ``optim`` block, with these base values: its ``lr``
+    options (transformer default, ``backbone.vision_backbone.*``, ``backbone.language_backbone.*``),
+    its ``weight_decay`` options (0 for ``*bias*`` and ``torch.nn.LayerNorm`` modules' parameters)
+    and its ``layer_decay_param_modifier`` on the ViT trunk with the ``*pos_embed*`` override.
+
+    The schedulers are the config's ``InverseSquareRootParamScheduler``; with ``warmup_steps=0`` the
+    groups start at the base rates (the released warm-up of 20 steps starts at lr 0). Needs hydra-core
+    and fvcore (imported by Meta's optimiser module).
+    """
+    from omegaconf import OmegaConf
+    from sam3.train.optim.optimizer import construct_optimizer
+
+    def inverse_sqrt(base_lr: float) -> dict[str, Any]:
+        return {"_target_": "sam3.train.optim.schedulers.InverseSquareRootParamScheduler", "base_lr": base_lr,
+                "timescale": timescale, "warmup_steps": warmup_steps, "cooldown_steps": cooldown_steps}
+
+    def constant(value: float) -> dict[str, Any]:
+        return {"_target_": "fvcore.common.param_scheduler.ConstantParamScheduler", "value": value}
+
+    options = OmegaConf.create({
+        "lr": [
+            {"scheduler": inverse_sqrt(lr)},
+            {"scheduler": inverse_sqrt(lr_vision), "param_names": ["backbone.vision_backbone.*"]},
+            {"scheduler": inverse_sqrt(lr_text), "param_names": ["backbone.language_backbone.*"]},
+        ],
+        "weight_decay": [
+            {"scheduler": constant(weight_decay)},
+            {"scheduler": constant(0.0), "param_names": ["*bias*"], "module_cls_names": ["torch.nn.LayerNorm"]},
+        ],
+    })
+    modifiers = [OmegaConf.create({
+        "_target_": "sam3.train.optim.optimizer.layer_decay_param_modifier", "_partial_": True,
+        "layer_decay_value": layer_decay, "apply_to": "backbone.vision_backbone.trunk",
+        "overrides": [{"pattern": "*pos_embed*", "value": 1.0}],
+    })]
+    return construct_optimizer(model, OmegaConf.create({"_target_": "torch.optim.AdamW"}), options, modifiers)
+
+
+def meta_tensors_as_ours(
+    model: nn.Module, config: Sam3Config, values: dict[str, torch.Tensor | None]
+) -> dict[str, torch.Tensor | None]:
+    """Per-parameter tensors of Meta's ``model`` (``values``: its parameter names -> e.g. gradients,
+    None for none) under our detector's names, through the checkpoint converter's mapping (fused
+    q/k/v split, CLIP's projection transposed, the ViT position embedding's CLS row dropped). Keys
+    our detector has but Meta gives no value for map to None; tensors the converter drops (RoPE
+    caches, point encoders, the tracker's neck) are left out."""
+    from sam3_train.model.meta_checkpoint import convert_state
+
+    missing = float("nan")  # marks "no value" through the conversion, which needs every key
+    state = {k: (values[k] if values.get(k) is not None else torch.full_like(v, missing)).detach()
+             for k, v in model.state_dict(keep_vars=True).items()}
+    return {k: (None if bool(v.isnan().all()) and v.numel() else v)
+            for k, v in convert_state(state, config).state.items()}
