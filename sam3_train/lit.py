@@ -36,10 +36,13 @@ from sam3_train.model import (
     set_vit_drop_path,
     state_mismatch,
 )
+from sam3_train.model.checkpoint_io import listing
+from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
 from sam3_train.optim import Schedule, param_groups, schedule_factor
 from sam3_train.resume import ExactResume
 
 log = logging.getLogger(__name__)
+LORA_KEY = "sam3_lora"  # adapter checkpoints: the base's pretrained path and fingerprint
 
 
 class Sam3LitModule(L.LightningModule):
@@ -60,7 +63,10 @@ class Sam3LitModule(L.LightningModule):
             transformers' ``Sam3Model``, which skips it without boxes.
         drop_path: ViT stochastic depth, growing linearly over the blocks to this rate (Meta: 0.1).
         activation_checkpointing: recompute ViT, DETR-encoder and decoder activations in backward.
-        freeze_vision, freeze_text: keep those encoders fixed.
+        freeze_vision, freeze_text: keep those encoders fixed (with ``lora``: their adapters too).
+        lora: train LoRA adapters (peft) instead of the whole model, on top of the base that
+            ``pretrained`` (or ``preset``) builds; checkpoints then hold only the trained tensors and
+            the base's fingerprint, and load on the same base (``sam3_train/model/lora.py``).
         criterion: the objective (default: SAM 3's segmentation fine-tuning weights).
         lr, lr_vision, lr_text: base learning rates of the transformer/heads, vision and text groups.
         layer_decay: vision learning rate decay per ViT block towards the input.
@@ -87,6 +93,7 @@ class Sam3LitModule(L.LightningModule):
         activation_checkpointing: bool = False,
         freeze_vision: bool = False,
         freeze_text: bool = False,
+        lora: LoraSettings | None = None,
         criterion: Sam3Criterion | None = None,
         lr: float = 8e-5,
         lr_vision: float = 2.5e-5,
@@ -104,6 +111,9 @@ class Sam3LitModule(L.LightningModule):
         super().__init__()
         if max_consecutive_skipped_steps is not None and max_consecutive_skipped_steps < 1:
             raise ValueError(f"max_consecutive_skipped_steps must be at least 1 or None, got {max_consecutive_skipped_steps}")
+        # load_from_checkpoint hands back the plain dict that the hyper-parameters keep (weights-only loadable).
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        lora = self.lora.to_dict() if self.lora is not None else None
         self.save_hyperparameters(ignore=["criterion"])
         if pretrained:
             self.detector: Sam3Detector = Sam3Detector.from_pretrained(
@@ -127,7 +137,16 @@ class Sam3LitModule(L.LightningModule):
             except ImageSizeError as exn:
                 raise ValueError(f"data.image_size={exn.image_size} does not fit the {preset!r} preset: {exn}") from None
         set_vit_drop_path(self.detector.vision_encoder.backbone.layers, drop_path)
-        for flag, module in ((freeze_vision, self.detector.vision_encoder), (freeze_text, self.detector.text_encoder)):
+        self.base_fingerprint: str | None = None
+        if self.lora is not None:
+            if not pretrained:
+                log.warning("LoRA on a randomly initialised %r base (no model.pretrained): its adapter checkpoints load "
+                            "only where the same seed rebuilds the same base.", preset)
+            self.base_fingerprint = base_fingerprint(self.detector)
+            apply_lora(self.detector, self.lora)
+        # The text projection is part of Meta's language backbone (its "resizer"): it freezes with the text.
+        for flag, module in ((freeze_vision, self.detector.vision_encoder), (freeze_text, self.detector.text_encoder),
+                             (freeze_text, self.detector.text_projection)):
             if flag:
                 module.requires_grad_(False)
         self.criterion = criterion or Sam3Criterion()
@@ -265,18 +284,45 @@ class Sam3LitModule(L.LightningModule):
         return {"batch": batch, "predictions": preds}
 
     # ------------------------------------------------------------------ checkpoints
+    def trained_keys(self) -> set[str]:
+        """State-dict keys of the tensors this run trains (with LoRA, all that its checkpoints hold)."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """With ``lora`` a state dict need only hold the trained tensors: the base's come from the base
+        model (``strict`` still refuses a missing trained tensor or an unexpected key)."""
+        if self.lora is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trained = self.trained_keys()
+        keys = type(keys)([k for k in keys.missing_keys if k in trained], keys.unexpected_keys)
+        if strict and (keys.missing_keys or keys.unexpected_keys):
+            raise RuntimeError(f"The LoRA state dict does not fit the model: missing {listing(keys.missing_keys)}; "
+                               f"unexpected {listing(keys.unexpected_keys)}.")
+        return keys
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sam3_skipped_steps"] = {"total": self.skipped_steps, "in_a_row": self.skipped_in_a_row}
+        if self.lora is not None:
+            trained = self.trained_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+            checkpoint[LORA_KEY] = {"pretrained": self.hparams.pretrained, "base_fingerprint": self.base_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the differing settings, a checkpoint whose tensors do not fit this model."""
-        problems = state_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
+        expected = self.state_dict()
+        if self.lora is not None:
+            self._check_lora_base(checkpoint)
+            trained = self.trained_keys()
+            expected = {k: v for k, v in expected.items() if k in trained}
+        problems = state_mismatch(expected, checkpoint.get("state_dict", {}))
         if problems:
             path = getattr(self._trainer, "ckpt_path", None)
             source = f"Checkpoint {path}" if path else "The checkpoint"
             theirs = checkpoint.get("hyper_parameters") or {}
             differing = [f"{k}: checkpoint {theirs[k]!r}, this run {self.hparams.get(k)!r}"
-                         for k in ("preset", "image_size", "model_overrides", "pretrained")
+                         for k in ("preset", "image_size", "model_overrides", "pretrained", "lora", "freeze_vision",
+                                   "freeze_text")
                          if k in theirs and theirs[k] != self.hparams.get(k)]
             raise KeyError(
                 f"{source} does not fit the model"
@@ -288,6 +334,23 @@ class Sam3LitModule(L.LightningModule):
         skipped = checkpoint.get("sam3_skipped_steps") or {}
         self.skipped_steps = int(skipped.get("total", 0))
         self.skipped_in_a_row = int(skipped.get("in_a_row", 0))
+
+    def _check_lora_base(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse adapters trained on another base than the one this module built."""
+        path = getattr(self._trainer, "ckpt_path", None)
+        path = f"Checkpoint {path}" if path else "The checkpoint"
+        meta = checkpoint.get(LORA_KEY)
+        if meta is None:
+            raise KeyError(f"{path} holds a full model, not LoRA adapters (model.lora is set): load it without "
+                           "model.lora, or pass an adapter checkpoint written by a model.lora run.")
+        if meta["base_fingerprint"] != self.base_fingerprint:
+            raise ValueError(
+                f"{path} holds LoRA adapters trained on another base model: fingerprint {meta['base_fingerprint']} "
+                f"(model.pretrained {meta['pretrained']!r}), this run's base is {self.base_fingerprint} "
+                f"(model.pretrained {self.hparams.pretrained!r}). Point model.pretrained at the checkpoint the "
+                "adapters were trained on" + ("" if meta["pretrained"] else
+                "; a randomly initialised base is rebuilt only by the same preset, seed and settings") + "."
+            )
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

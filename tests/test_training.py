@@ -49,7 +49,7 @@ def test_frozen_encoders_are_left_out_of_the_optimiser():
     module = Sam3LitModule(preset="tiny", freeze_vision=True, freeze_text=True)
     groups = param_groups(module.detector, lr=1, lr_vision=1, lr_text=1, layer_decay=1, weight_decay=0)
     names = {n for n, p in module.detector.named_parameters() if any(p is q for g in groups for q in g["params"])}
-    assert names and not any(n.startswith(("vision_encoder.", "text_encoder.")) for n in names)
+    assert names and not any(n.startswith(("vision_encoder.", "text_encoder.", "text_projection.")) for n in names)
 
 
 def test_inverse_sqrt_schedule_matches_meta_formula():
