@@ -20,6 +20,19 @@ from sam3_train.losses.point_sampling import point_sample, sample_binary_masks, 
 from sam3_train.losses.targets import PackedTargets
 
 
+def gather_matched(x: torch.Tensor, indices: MatchIndices) -> torch.Tensor:
+    """``x[indices.pair, indices.query]`` ([P, Q, ...] -> [M, ...]) with a bitwise-reproducible backward.
+
+    The backward of ``x[pair, query]`` is ``index_put_(accumulate=True)``, which on the CPU adds with
+    atomics from several threads once the gathered tensor has 32768+ elements: a query the one-to-many
+    matcher gave several targets gets its gradients summed in a racy order. Here every (pair, query)
+    is read once and repeated with ``index_select`` (its backward ``index_add_`` adds in index order).
+    """
+    num_queries = x.shape[1]
+    cells, inverse = torch.unique(indices.pair * num_queries + indices.query, return_inverse=True)
+    return x[cells // num_queries, cells % num_queries].index_select(0, inverse)
+
+
 def _zero(x: torch.Tensor) -> torch.Tensor:
     return x.sum() * 0.0
 
@@ -104,7 +117,7 @@ def box_losses(
     """
     if len(indices) == 0:
         return _zero(pred_boxes), _zero(pred_boxes)
-    src = pred_boxes[indices.pair, indices.query].float()  # [M, 4]
+    src = gather_matched(pred_boxes, indices).float()  # [M, 4]
     tgt = packed.boxes[indices.target]
     l1 = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
     _, giou = elementwise_iou_and_giou(cxcywh_to_xyxy(src), packed.boxes_xyxy[indices.target])
@@ -133,7 +146,7 @@ def mask_losses(
     """
     if len(indices) == 0:
         return _zero(pred_masks), _zero(pred_masks)
-    src = pred_masks[indices.pair, indices.query].float()  # [M, h, w]; bf16 has no bilinear kernels everywhere
+    src = gather_matched(pred_masks, indices).float()  # [M, h, w]; bf16 has no bilinear kernels everywhere
     tgt = packed.gather_masks(indices.pair, indices.target)  # [M, H, W] bool
     if num_points is not None:
         points = uncertain_points(

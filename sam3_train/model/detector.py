@@ -181,7 +181,9 @@ class Sam3Detector(Sam3Model):
         hidden = self.text_encoder(
             input_ids=unique[:, :length], attention_mask=unique[:, length:], return_dict=True
         ).last_hidden_state  # [U, L, text hidden]
-        return self.text_projection(hidden)[inverse], attention_mask.bool()
+        # index_select, not [inverse]: the backward of advanced indexing is index_put_(accumulate=True), whose
+        # CPU kernel adds repeated rows with atomics from several threads in a racy order (not bitwise reproducible).
+        return self.text_projection(hidden).index_select(0, inverse), attention_mask.bool()
 
     def encode_prompt(
         self,
@@ -234,7 +236,7 @@ class Sam3Detector(Sam3Model):
         vision = self.vision_encoder(batch.images)
         # As transformers does: the 0.5x FPN level is dropped and the DETR encoder reads the 1x level.
         pair_image = batch.pair_image
-        levels = [level[pair_image] for level in vision.fpn_hidden_states[:-1]]  # [P, C, h_i, w_i]
+        levels = [level.index_select(0, pair_image) for level in vision.fpn_hidden_states[:-1]]  # [P, C, h_i, w_i]; see encode_text
         pos = [p[pair_image] if p.shape[0] == num_images else p.expand(len(pair_image), -1, -1, -1)
                for p in vision.fpn_position_encoding[:-1]]
 
