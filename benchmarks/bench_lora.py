@@ -30,32 +30,14 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from sam3_train.data import Sam3DataModule
+from bench_framework import materialise  # the same pre-materialised batches (this folder is on sys.path)
+from sam3_train.callbacks import matmul_gflops
 from sam3_train.lit import Sam3LitModule
 from sam3_train.model import build_detector
 from sam3_train.model.lora import LoraSettings
 from sam3_train.optim import param_groups, schedule_factor
 
-SPLITS = {"train": 64, "val": 16, "test": 16}
 TARGETS = ["vit_attention", "detr_encoder_attention", "detr_decoder_attention"]
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def materialise(args, root: Path) -> list:
-    dm = Sam3DataModule(shapes_root=str(root), shapes_splits=SPLITS, image_size=args.image_size,
-                        batch_size=args.batch_size, max_phrases_per_image=args.phrases, num_workers=0,
-                        steps_per_epoch=args.steps)
-    dm.prepare_data()
-    dm.setup("fit")
-    return list(dm.train_dataloader())
 
 
 def run_steps(module: Sam3LitModule, batches: list, warmup: int) -> float:
