@@ -150,6 +150,12 @@ class Sam3LitModule(L.LightningModule):
             if flag:
                 module.requires_grad_(False)
         self.criterion = criterion or Sam3Criterion()
+        # A box-only objective never runs the mask decoder in training (eval still predicts masks): no pixel-
+        # decoder activations, and the weights only masks read are frozen (no optimiser state, nothing for
+        # DDP to wait for).
+        self.detector.train_masks = self.criterion.needs_masks
+        if not self.criterion.needs_masks:
+            self.detector.freeze_mask_path()
         self.val_metrics = self._metrics()
         self.test_metrics = self._metrics()
         self.skipped_steps = 0  # optimiser steps skipped for non-finite values, in the whole run

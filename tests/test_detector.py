@@ -396,3 +396,26 @@ def test_meta_init_starts_queries_apart_at_their_reference_boxes():
     assert float(weight.abs().max()) <= bound and float(weight.std()) > 2 * 0.02
     for name in ("vision_encoder.backbone.layers.0.mlp.fc1.weight", "text_encoder.text_model.encoder.layers.0.mlp.fc1.weight"):
         torch.testing.assert_close(ours.get_parameter(name), plain.get_parameter(name), atol=0, rtol=0)
+
+
+def test_box_only_objective_skips_the_mask_decoder_in_training():
+    """Without mask or semantic terms the mask decoder neither runs in training nor trains; eval keeps masks."""
+    from sam3_train.lit import Sam3LitModule
+    from sam3_train.losses import Sam3Criterion
+
+    torch.manual_seed(0)
+    module = Sam3LitModule(preset="tiny", criterion=Sam3Criterion(use_masks=False, use_semantic=False)).train()
+    det = module.detector
+    batch = make_batch(det, [PHRASES[:2], PHRASES[2:]])
+    batch.targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([0])}] * batch.num_pairs
+    out = det(batch)
+    assert "pred_masks" not in out and "semantic_seg" not in out and "pred_masks" not in out["o2m"]
+    module.criterion.weighted_total(module.criterion(out, batch.targets), num_pairs=batch.num_pairs).backward()
+    assert not any(p.requires_grad for p in det.mask_decoder.parameters())
+    assert not any(p.requires_grad for p in det.vision_encoder.neck.fpn_layers[0].parameters())
+    missing = [n for n, p in det.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    with torch.no_grad():
+        out = det.eval()(batch)
+    assert out["pred_masks"].shape[:2] == (3, det.num_queries) and out["semantic_seg"].shape[0] == 3
+    assert Sam3LitModule(preset="tiny").detector.train_masks  # the default objective trains masks

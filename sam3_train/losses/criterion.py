@@ -126,6 +126,11 @@ class Sam3Criterion(nn.Module):
     def _on(self, *names: str) -> bool:
         return any(self.weights[n] != 0 for n in names)
 
+    @property
+    def needs_masks(self) -> bool:
+        """Whether any term reads the predicted instance masks or semantic map."""
+        return self._on("mask", "dice", "semantic", "semantic_dice")
+
     def _layer_terms(
         self,
         out: dict[str, torch.Tensor],

@@ -61,6 +61,9 @@ class Sam3Detector(Sam3Model):
             which skips the encoder when no pair of the batch has a box; a text-only pair then gets
             the CLS token only when another pair of its batch has a box, so its output depends on
             the rest of the batch. Use ``False`` only to compare with transformers.
+        train_masks: run the mask decoder (instance masks, semantic map) in training mode. ``False``
+            for box-only objectives: the pixel decoder's activations are then never made, which is
+            most of the step's memory at 1008 px (benchmarks/bench_memory.py). Eval always predicts masks.
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
         init: how a model trained from scratch starts: ``meta`` (the default: what Meta's SAM 3 code
             does, see :meth:`reset_parameters_as_meta`), ``xavier`` (Xavier-uniform linear weights, zero
@@ -76,6 +79,7 @@ class Sam3Detector(Sam3Model):
         dac: bool = True,
         activation_checkpointing: bool = False,
         encode_empty_geometry: bool = True,
+        train_masks: bool = True,
         tokenizer: Sam3Tokenizer | None = None,
         init: Init = "meta",
     ):
@@ -89,6 +93,7 @@ class Sam3Detector(Sam3Model):
         self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
+        self.train_masks = train_masks
         self._tokenizer = tokenizer
         self.set_activation_checkpointing(activation_checkpointing)
 
@@ -152,6 +157,14 @@ class Sam3Detector(Sam3Model):
         unused += list(pixel_decoder.conv_layers[used_stages:]) + list(pixel_decoder.norms[used_stages:])
         for module in unused:
             module.requires_grad_(False)
+
+    def freeze_mask_path(self) -> None:
+        """``requires_grad=False`` for what only the masks read, for box-only training
+        (``train_masks=False``): the mask decoder and the FPN levels finer than the one the DETR
+        encoder reads (the 4x and 2x levels of the released model)."""
+        self.mask_decoder.requires_grad_(False)
+        for level in self.vision_encoder.neck.fpn_layers[:-2]:
+            level.requires_grad_(False)
 
     @property
     def num_queries(self) -> int:
@@ -241,9 +254,21 @@ class Sam3Detector(Sam3Model):
                for p in vision.fpn_position_encoding[:-1]]
 
         text, text_mask = self.encode_text(batch.input_ids, batch.attention_mask)
-        prompt, prompt_mask = self.encode_prompt(
-            text, text_mask, batch.exemplar_boxes, batch.exemplar_labels, levels, pos
-        )
+        return self.detect(levels, pos, text, text_mask, batch.exemplar_boxes, batch.exemplar_labels)
+
+    def detect(
+        self,
+        levels: list[torch.Tensor],
+        pos: list[torch.Tensor],
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        exemplar_boxes: torch.Tensor | None = None,
+        exemplar_labels: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Everything after the image and text encoders, per (image, phrase) pair: prompt, fusion,
+        decoder, heads. ``levels``/``pos``: the FPN levels the detector reads and their position
+        encodings, one row per pair; ``text`` [P, L, C] projected, ``text_mask`` [P, L] bool."""
+        prompt, prompt_mask = self.encode_prompt(text, text_mask, exemplar_boxes, exemplar_labels, levels, pos)
         memory, memory_pos, shape = self.encode_fusion(levels[-1], pos[-1], prompt, prompt_mask)
 
         dac = self.dac and self.training
@@ -260,21 +285,12 @@ class Sam3Detector(Sam3Model):
         logits = self.dot_product_scoring(
             decoder_hidden_states=states.hidden, text_features=prompt, text_mask=prompt_mask
         ).squeeze(-1)  # [layers, P, copies * Q]
-        masks = self.mask_decoder(
-            decoder_queries=states.hidden[-1],
-            backbone_features=levels,
-            encoder_hidden_states=memory,
-            prompt_features=prompt,
-            prompt_mask=prompt_mask,
-        )
         q = self.num_queries
         one, many = slice(0, q), slice(q, 2 * q)
         out: dict[str, Any] = {
             "pred_logits": logits[-1, :, one],
             "pred_boxes": states.boxes[-1, :, one],
-            "pred_masks": masks.pred_masks[:, one],
             "presence_logit": states.presence_logits[-1],
-            "semantic_seg": masks.semantic_seg,
             "aux_outputs": [
                 {"pred_logits": logits[i, :, one], "pred_boxes": states.boxes[i, :, one],
                  "presence_logit": states.presence_logits[i]}
@@ -285,12 +301,22 @@ class Sam3Detector(Sam3Model):
             out["o2m"] = {
                 "pred_logits": logits[-1, :, many],
                 "pred_boxes": states.boxes[-1, :, many],
-                "pred_masks": masks.pred_masks[:, many],
                 "aux_outputs": [
                     {"pred_logits": logits[i, :, many], "pred_boxes": states.boxes[i, :, many]}
                     for i in range(len(logits) - 1)
                 ],
             }
+        if self.train_masks or not self.training:
+            masks = self.mask_decoder(
+                decoder_queries=states.hidden[-1],
+                backbone_features=levels,
+                encoder_hidden_states=memory,
+                prompt_features=prompt,
+                prompt_mask=prompt_mask,
+            )
+            out["pred_masks"], out["semantic_seg"] = masks.pred_masks[:, one], masks.semantic_seg
+            if dac:
+                out["o2m"]["pred_masks"] = masks.pred_masks[:, many]
         return out
 
     # ------------------------------------------------------------------ checkpoints
