@@ -157,6 +157,11 @@ class Sam3CLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "predict-video":  # video inference has its own parser (sam3_train/video/predict.py)
+        from sam3_train.video.predict import main as predict_video
+
+        raise SystemExit(predict_video(argv[1:]))
     Sam3CLI(
         Sam3LitModule,
         Sam3DataModule,
