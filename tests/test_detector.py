@@ -419,3 +419,19 @@ def test_box_only_objective_skips_the_mask_decoder_in_training():
         out = det.eval()(batch)
     assert out["pred_masks"].shape[:2] == (3, det.num_queries) and out["semantic_seg"].shape[0] == 3
     assert Sam3LitModule(preset="tiny").detector.train_masks  # the default objective trains masks
+
+
+def test_cpu_bf16_autocast_runs_the_exemplar_encoder():
+    """Lightning's bf16-mixed on the CPU: torchvision's CPU roi_align rejects the float16 transformers
+    gives it under autocast; the exemplar encoder runs in float32 there and the step trains."""
+    torch.manual_seed(0)
+    det = build_detector("tiny").train()
+    boxes, labels = exemplars()
+    batch = make_batch(det, [PHRASES[:2], PHRASES[2:]], boxes, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = det(batch)
+        loss = out["pred_logits"].float().sum() + out["pred_masks"].float().mean() + out["pred_boxes"].float().sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert out["pred_logits"].dtype == torch.bfloat16  # the rest still runs in bf16
+    assert det.geometry_encoder.boxes_pool_project.weight.grad is not None

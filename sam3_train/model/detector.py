@@ -26,6 +26,7 @@ Output dict (P pairs, Q queries, h = w = 4 x the ViT token grid):
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -217,13 +218,19 @@ class Sam3Detector(Sam3Model):
         if boxes is None or box_labels is None:
             boxes = text.new_zeros(num_pairs, 0, 4)
             box_labels = torch.zeros(num_pairs, 0, dtype=torch.long, device=text.device)
-        geometry = self.geometry_encoder(
-            box_embeddings=boxes.to(text.dtype),
-            box_mask=box_labels >= 0,
-            box_labels=box_labels.clamp(min=0),
-            img_feats=tuple(image_levels),
-            img_pos_embeds=tuple(image_pos),
-        )
+        cpu_autocast = text.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_autocast:
+            # transformers hands roi_align float16 for bfloat16 features, which torchvision's CPU
+            # autocast kernel rejects; on the CPU the (small) exemplar encoder runs in float32.
+            image_levels, image_pos = [x.float() for x in image_levels], [x.float() for x in image_pos]
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+            geometry = self.geometry_encoder(
+                box_embeddings=boxes.float() if cpu_autocast else boxes.to(text.dtype),
+                box_mask=box_labels >= 0,
+                box_labels=box_labels.clamp(min=0),
+                img_feats=tuple(image_levels),
+                img_pos_embeds=tuple(image_pos),
+            )
         prompt = torch.cat([text, geometry.last_hidden_state], dim=1)
         return prompt, torch.cat([text_mask, geometry.attention_mask.bool()], dim=1)
 
