@@ -1,11 +1,12 @@
 """Lightning callbacks: prediction files, W&B validation pictures, the step rate with an early ETA,
-and the end-of-run summary."""
+the end-of-run summary, and training for a time budget."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -273,3 +274,127 @@ class RunSummary(L.Callback):
             machine = f", matmul {self.gflops:.0f} GFLOP/s" if self.gflops else ""
             lines.append(f"  time                     {minutes:.1f} min for {steps:,} steps (validation included{machine})")
         print("\n".join(lines))
+
+
+class TimeBudget(L.Callback):
+    """Train for a wall-clock budget instead of a step count: ``minutes`` of ``fit``, validation included.
+
+    After ``measure`` steps it works out how many steps the rest of the budget holds at the measured
+    step rate, and stops there (Lightning's ``should_stop``, so the last step is validated and
+    checkpointed); it plans again after every validation with that validation's measured time.
+    The learning-rate schedule follows the plan: its ``total_steps`` becomes the planned step count,
+    so a cosine schedule still ends at zero when the budget does. ``trainer.max_steps`` stays an
+    upper bound. The plan is saved in checkpoints and a resumed run keeps the budget left.
+
+    The step count then depends on the machine and its load: two runs are no longer bitwise equal
+    (a fixed ``max_steps`` is; README). Add it from the command line::
+
+        sam3-train fit --config configs/shapes_tiny.yaml \\
+            --trainer.callbacks+=sam3_train.callbacks.TimeBudget --trainer.callbacks.minutes=15
+
+    Args:
+        minutes: the budget for training and validation, from the start of ``fit`` (setup aside).
+        measure: steps timed before the first plan (the first ``skip`` left out as warm-up).
+        skip: warm-up steps not timed.
+    """
+
+    def __init__(self, minutes: float, *, measure: int = 30, skip: int = 10):
+        if minutes <= 0:
+            raise ValueError(f"TimeBudget: minutes must be positive, got {minutes}")
+        if measure <= skip:
+            raise ValueError(f"TimeBudget: measure ({measure}) must be larger than skip ({skip})")
+        self.minutes, self.measure, self.skip = minutes, measure, skip
+        self.planned_steps: int | None = None
+        self.spent = 0.0  # seconds of earlier fit sessions (a resumed run)
+        self.validation_seconds: float | None = None  # the last validation's duration
+        self._start: float | None = None
+        self._first_step = 0
+        self._timer: tuple[int, float] | None = None  # (steps, seconds) of training since the timing started
+        self._val_start: float | None = None
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        spent = self.spent + (time.perf_counter() - self._start if self._start is not None else 0.0)
+        return {"planned_steps": self.planned_steps, "spent": spent, "validation_seconds": self.validation_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.planned_steps = state_dict.get("planned_steps")
+        self.spent = float(state_dict.get("spent", 0.0))
+        self.validation_seconds = state_dict.get("validation_seconds")
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._first_step = trainer.global_step
+        self._timer = None
+        if self.planned_steps is not None:  # resumed: the restored schedule follows the saved plan
+            self._set_schedule(trainer, self.planned_steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        done = trainer.global_step - self._first_step
+        if done == self.skip and self._timer is None:
+            self._timer = (trainer.global_step, time.perf_counter())
+        elif done == self.measure:
+            self._plan(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.planned_steps is not None and trainer.global_step >= self.planned_steps:
+            trainer.should_stop = True  # the epoch loop validates before it stops
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._val_start is None:
+            return
+        seconds = time.perf_counter() - self._val_start
+        self.validation_seconds = seconds
+        if self._timer is not None:  # training time excludes validation
+            steps, since = self._timer
+            self._timer = (steps, since + seconds)
+        self._val_start = None
+        if self.planned_steps is not None and trainer.global_step < self.planned_steps:
+            self._plan(trainer)
+
+    # ---------------------------------------------------------------- the plan
+    def step_seconds(self, trainer: L.Trainer) -> float | None:
+        if self._timer is None or trainer.global_step <= self._timer[0]:
+            return None
+        steps, since = self._timer
+        return (time.perf_counter() - since) / (trainer.global_step - steps)
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        per_step = self.step_seconds(trainer)
+        if per_step is None or self._start is None:
+            return
+        left = self.minutes * 60 - self.spent - (time.perf_counter() - self._start)
+        interval = trainer.val_check_batch if isinstance(trainer.val_check_batch, int) else 0
+        per_validation = self.validation_seconds or 0.0
+        cost = per_step + (per_validation / interval if interval and trainer.limit_val_batches else 0.0)
+        planned = trainer.global_step + max(0, int((left - per_validation) / cost))  # the final validation too
+        if trainer.max_steps and trainer.max_steps > 0:
+            planned = min(planned, trainer.max_steps)
+        planned = max(planned, trainer.global_step + 1)
+        if planned != self.planned_steps:
+            self.planned_steps = planned
+            self._set_schedule(trainer, planned)
+            if trainer.is_global_zero:
+                print(f"sam3-train: time budget {self.minutes:g} min: {per_step:.3f} s a step"
+                      f"{f', {per_validation:.0f} s a validation' if per_validation else ''}; "
+                      f"training stops at step {planned:,}", flush=True)
+
+    @staticmethod
+    def _set_schedule(trainer: L.Trainer, total_steps: int) -> None:
+        """Point every step-wise LambdaLR built from ``optim.schedule_factor`` at ``total_steps``."""
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas is None:
+                continue
+            for i, fn in enumerate(lambdas):
+                if isinstance(fn, partial) and "total_steps" in fn.keywords:
+                    lambdas[i] = partial(fn.func, *fn.args, **{**fn.keywords, "total_steps": total_steps})
+            # the current rates follow the new schedule at once, not from the next step
+            for group, fn in zip(scheduler.optimizer.param_groups, lambdas):
+                group["lr"] = group["initial_lr"] * fn(scheduler.last_epoch)

@@ -310,3 +310,26 @@ def test_fit_under_ddp_runs_the_same_steps_on_both_ranks(shapes_root, tmp_path):
     assert [r["world_size"] for r in records] == [2, 2]
     assert [(r["global_step"], r["batches"]) for r in records] == [(3, 3), (3, 3)]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_time_budget_stops_the_main_job_with_a_validation_and_its_schedule_ended(shapes_root, tmp_path):
+    """`--trainer.callbacks+=TimeBudget`: the run stops at the planned step long before max_steps, the last
+    step is validated, and the cosine learning rate has reached ~0 there."""
+    config = _config_into(REPO / "configs" / "shapes_tiny.yaml", tmp_path)
+    out = _run(["fit", "--config", str(config), *_small(shapes_root), "--trainer.max_steps=100000",
+                "--trainer.val_check_interval=20", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+                "--data.steps_per_epoch=20", "--model.warmup_steps=5",
+                "--trainer.callbacks+=sam3_train.callbacks.TimeBudget", "--trainer.callbacks.minutes=0.4",
+                "--trainer.callbacks.skip=3", "--trainer.callbacks.measure=8"], tmp_path)
+    planned = [int(line.rsplit(" ", 1)[-1].replace(",", "")) for line in out.splitlines()
+               if "training stops at step" in line]
+    assert planned, out[-3000:]
+    rows = _metrics_rows(next((tmp_path / "logs" / "csv").glob("version_*")))
+    steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    last = max(steps) + 1  # the CSV's step is the global step before the optimiser step
+    assert last == planned[-1] < 100000
+    assert any(row.get("val/cgF1") and int(row["step"]) >= last - 1 for row in rows)  # the last step was validated
+    column = next(key for key in rows[0] if key.startswith("lr/"))
+    lrs = [float(row[column]) for row in rows if row.get(column)]
+    assert lrs[-1] < 0.05 * max(lrs)

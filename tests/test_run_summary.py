@@ -39,3 +39,45 @@ def test_eta_after_the_window_from_the_measured_step_time(monkeypatch, capsys, f
 
 def test_matmul_rate_is_a_plausible_number():
     assert 0.1 < matmul_gflops(size=256, seconds=0.05) < 1e6
+
+
+def test_time_budget_plans_the_steps_the_budget_holds_and_stretches_the_schedule(monkeypatch, capsys):
+    """A 60 s budget: two 5 s warm-up steps, then 0.5 s steps; a 6 s validation at step 50 every 50 steps."""
+    from functools import partial
+
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from sam3_train.callbacks import TimeBudget
+    from sam3_train.optim import schedule_factor
+
+    clock = Clock()
+    monkeypatch.setattr(callbacks.time, "perf_counter", clock)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = LambdaLR(optimizer, partial(schedule_factor, total_steps=1000, kind="cosine"))
+    trainer = SimpleNamespace(global_step=0, max_steps=1000, is_global_zero=True, sanity_checking=False,
+                              should_stop=False, val_check_batch=50, limit_val_batches=1.0,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    budget = TimeBudget(minutes=1.0, skip=2, measure=6)
+    budget.on_train_start(trainer, None)
+    while not trainer.should_stop:
+        budget.on_train_batch_start(trainer, None, None, 0)
+        clock.now += 5.0 if trainer.global_step < 2 else 0.5
+        optimizer.step()
+        scheduler.step()
+        trainer.global_step += 1
+        budget.on_train_batch_end(trainer, None, None, None, 0)
+        if trainer.global_step == 50:
+            budget.on_validation_start(trainer, None)
+            clock.now += 6.0
+            budget.on_validation_end(trainer, None)
+    # At step 6 (t = 12 s): 48 s left at 0.5 s a step -> step 6 + 96 = 102. After the validation at step 50
+    # (t = 40 s): 20 s left, less the final 6 s validation, at 0.5 + 6 / 50 s a step -> 50 + int(14 / 0.62) = 72.
+    out = capsys.readouterr().out
+    assert "training stops at step 102" in out and "training stops at step 72" in out
+    assert trainer.global_step == budget.planned_steps == 72
+    assert scheduler.lr_lambdas[0].keywords["total_steps"] == 72
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(schedule_factor(72, total_steps=72, kind="cosine"))
+    assert optimizer.param_groups[0]["lr"] < 1e-3  # the cosine ended with the budget
+    state = budget.state_dict()
+    assert state["planned_steps"] == 72 and state["spent"] == pytest.approx(clock.now - 100.0)
