@@ -205,19 +205,31 @@ class Sam3LitModule(L.LightningModule):
             return loss
         terms = self.criterion(outputs, batch.targets)
         loss = self.criterion.weighted_total(terms, num_pairs=batch.num_pairs)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        self.log("train/pairs", float(size), batch_size=size)
-        skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer else None
-        if skipped is not None:
-            self.log("train/skipped_samples", float(skipped), batch_size=size)
+        if self._logs_this_step():
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=size)
+            self.log("train/pairs", float(size), batch_size=size)
+            skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer else None
+            if skipped is not None:
+                self.log("train/skipped_samples", float(skipped), batch_size=size)
         if not bool(torch.isfinite(loss.detach())):
             self._nonfinite_loss = True
         return loss
 
+    def _logs_this_step(self) -> bool:
+        """Whether the loggers write this step's values (every ``log_every_n_steps``, as Lightning
+        decides it). Per-term losses, learning rates and counters are handed to ``self.log`` only then:
+        its ~45 calls a step were ~9% of a small CPU step (docs/benchmarks.md); ``train/loss`` (the
+        progress bar) goes every step."""
+        if self._trainer is None:
+            return True
+        every = max(1, self.trainer.log_every_n_steps)
+        return (self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        for i, group in enumerate(self.optimizers().param_groups):
-            self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+        if self._logs_this_step():
+            for i, group in enumerate(self.optimizers().param_groups):
+                self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
         self._step_keys.extend(getattr(batch, "keys", None) or [])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -250,7 +262,10 @@ class Sam3LitModule(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        # global_step has advanced past this batch: the step logged now is global_step - 1.
+        every = max(1, self.trainer.log_every_n_steps)
+        if self.trainer.global_step % every == 0 or self.trainer.should_stop:
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
         outputs = self.detector(batch)
