@@ -1,10 +1,13 @@
 """Data engine, in process: the propose step's candidates (parity with post-processing, flip TTA
-plumbing, exact records), phrase sources, the labelled / pool split, weighted training mixes, settings."""
+plumbing, exact records, proposals files and their damage), phrase sources, the labelled / pool
+split, weighted training mixes, settings."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from sam3_train.data.batch import Batch
 from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.shards import ShardSink, expand_urls
 from sam3_train.engine.candidates import candidate_record, record_candidates
+from sam3_train.engine.proposal_files import ProposalFileWriter, ProposalIndex, proposals_file
 from sam3_train.engine.proposals import PhraseSelector, batch_candidates, flip_batch
 from sam3_train.engine.settings import DataEngine, load_config, round_fit_config
 from sam3_train.engine.sources import (
@@ -93,19 +97,82 @@ def test_flip_tta_maps_flip_masks_back_onto_the_image_content():
         assert bool(verify(c).keep.all())
 
 
-def test_candidate_records_round_trip_exactly(shapes_batch):
+def test_candidate_records_round_trip_exactly_through_a_proposals_file(shapes_batch, tmp_path):
     torch.manual_seed(0)
     detector = build_detector("tiny", image_size=224).eval()
     with torch.no_grad():
         outputs = detector(shapes_batch)
     pairs = batch_candidates(outputs, shapes_batch, flip_outputs=outputs, min_score=0.1, max_detections=4)
-    for c, dropped in pairs[:6]:
-        record = {"key": c.key, "height": c.height, "width": c.width,
-                  "pairs": [json.loads(json.dumps(candidate_record(c, dropped)))]}
-        (back, back_dropped), = record_candidates(record)
-        assert back_dropped == dropped and back.phrase == c.phrase and back.presence == c.presence
+    records = {}
+    for c, dropped in pairs:
+        record = records.setdefault(c.key, {"key": c.key, "height": c.height, "width": c.width, "pairs": []})
+        record["pairs"].append(candidate_record(c, dropped))
+    path = tmp_path / "proposals.jsonl.gz"
+    with ProposalFileWriter(path) as out:
+        for record in records.values():
+            out.write(record)
+    index = ProposalIndex(path)
+    assert list(index) == list(records)  # file order
+    with gzip.open(path, "rt") as f:  # one gzip file to any reader: JSON lines, the records as written
+        assert [json.loads(line) for line in f] == [json.loads(json.dumps(r)) for r in records.values()]
+    back = [pair for key in index for pair in record_candidates(index.get(key), source=str(path))]
+    assert len(back) == len(pairs) == shapes_batch.num_pairs
+    for (c, dropped), (b, b_dropped) in zip(pairs, back):
+        assert b_dropped == dropped and (b.key, b.phrase, b.presence) == (c.key, c.phrase, c.presence)
         for name in ("scores", "boxes", "masks", "masks_loose", "masks_tight", "flip_masks"):
-            assert torch.equal(getattr(back, name), getattr(c, name)), name
+            assert torch.equal(getattr(b, name), getattr(c, name)), name
+        assert candidate_record(b, b_dropped) == candidate_record(c, dropped)  # every RLE, score and box
+    # The same records written again give the same bytes (members carry no time stamp).
+    with ProposalFileWriter(tmp_path / "again.jsonl.gz") as out:
+        for record in records.values():
+            out.write(record)
+    assert (tmp_path / "again.jsonl.gz").read_bytes() == path.read_bytes()
+
+
+def _small_proposals(folder: Path, n: int = 3) -> list[dict]:
+    """n image records of hand-made candidates in ``folder/proposals.jsonl.gz``."""
+    from conftest import EngineFrame
+
+    frame = EngineFrame(12, 16)
+    records = []
+    for i in range(n):
+        c = frame.candidate([0.9, 0.3], [frame.box_mask(1, 1, 5 + i, 6), frame.box_mask(8, 2, 12, 9)],
+                            key=f"{i:08d}_img")
+        records.append({"key": c.key, "height": 12, "width": 16, "pairs": [candidate_record(c)]})
+    folder.mkdir(parents=True, exist_ok=True)
+    with ProposalFileWriter(folder / "proposals.jsonl.gz") as out:
+        for record in records:
+            out.write(record)
+    return records
+
+
+def test_damaged_proposals_files_fail_naming_the_file(tmp_path):
+    folder = tmp_path / "round-001" / "proposals-rank000"
+    records = _small_proposals(folder)
+    path = proposals_file(folder)
+    data = path.read_bytes()
+    assert [ProposalIndex(path).get(r["key"]) for r in records] == json.loads(json.dumps(records))
+    marker = str(tmp_path / "round-001" / "proposals.json")
+    path.write_bytes(data[:-7])  # cut inside the last image's member
+    with pytest.raises(ValueError, match="truncated") as error:
+        ProposalIndex(path)
+    assert str(path) in str(error.value) and marker in str(error.value)  # the file, and what to do
+    broken = bytearray(data)
+    broken[len(data) // 2] ^= 0xFF  # one damaged byte: the deflate stream or its CRC fails
+    path.write_bytes(bytes(broken))
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        ProposalIndex(path)
+    path.write_bytes(data + b"\x00" * 10)  # trailing garbage is not a member
+    with pytest.raises(ValueError, match="corrupt"):
+        ProposalIndex(path)
+    # The earlier plain JSON lines still read; a folder without either file fails naming the folder.
+    path.unlink()
+    (folder / "proposals.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    legacy = ProposalIndex(proposals_file(folder))
+    assert [legacy.get(r["key"]) for r in records] == json.loads(json.dumps(records))
+    (folder / "proposals.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
+        proposals_file(folder)
 
 
 def test_phrase_selector_asks_the_source_phrases_without_instances():

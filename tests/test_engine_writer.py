@@ -1,5 +1,6 @@
 """Data engine writing: verified candidates -> shards + manifest, read back through ShardStream;
-interrupted writes leave nothing visible and the re-run is byte-identical."""
+interrupted writes leave nothing visible and the re-run is byte-identical; the write stage from
+proposals files decodes only the masks a check reads, with the same bytes as decoding all of them."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_shards
 from PIL import Image
 
+from sam3_train.data import rle as rle_ops
 from sam3_train.data.pipeline import ShardStream
 from sam3_train.engine import (
     Candidate,
     ExhaustivityVerifier,
+    FlipConsistencyVerifier,
     HardNegativeMiner,
     RoundWriter,
     ScoreVerifier,
@@ -29,8 +33,13 @@ from sam3_train.engine import (
     round_finished,
     shard_paths,
 )
+from sam3_train.engine import pseudo_labels
+from sam3_train.engine.candidates import MASK_FIELDS, candidate_record, record_candidates
+from sam3_train.engine.proposal_files import ProposalFileWriter
+from sam3_train.engine.pseudo_labels import score_gate, write_rank
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 H, W = 20, 24
 PHRASES = ["circle", "red square", "star"]
 
@@ -174,3 +183,127 @@ def test_writer_refuses_pairs_of_another_image_and_negatives_with_instances(writ
                      negatives=[kept.candidate.phrase])
     writer.abort()
     assert json.loads(json.dumps(written["manifest"])) == read_manifest(written["dir"])
+
+
+# ------------------------------------------------------------------------------------------ from proposals files
+def flip_pool(n: int = 4) -> list[dict]:
+    """n images x three phrases of candidates with flip masks, scores on both sides of 0.5, and masks
+    that the stability check (image 1's loose masks) and the flip check (phrase "star") reject."""
+    gen = torch.Generator().manual_seed(1)
+    image = io.BytesIO()
+    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(image, format="PNG")
+    pool = []
+    for i in range(n):
+        key, candidates = f"{i:08d}_img", []
+        for j, phrase in enumerate(PHRASES):
+            k = (i + j) % 4 + 1
+            masks = torch.rand(k, H, W, generator=gen) > 0.6
+            noise = torch.rand(k, H, W, generator=gen) > (0.6 if phrase == "star" else 0.9)
+            candidates.append(Candidate(
+                key=key, phrase=phrase, height=H, width=W, presence=0.2 + 0.2 * j,
+                scores=torch.tensor([0.9, 0.7, 0.4, 0.2][:k]),
+                boxes=torch.tensor([[1.0, 2.0, 18.5, 19.25]]).repeat(k, 1),
+                masks=masks, masks_loose=masks | (torch.rand(k, H, W, generator=gen) > (0.4 if i == 1 else 0.8)),
+                masks_tight=masks & (torch.rand(k, H, W, generator=gen) > 0.2), flip_masks=masks ^ noise))
+        base = {"image_id": i, "width": W, "height": H, "source": {"dataset": "pool", "index": i},
+                "queries": [{"phrase": p, "exhaustive": False, "instances": []} for p in PHRASES]}
+        pool.append({"key": key, "image": image.getvalue(), "base": base, "candidates": candidates})
+    return pool
+
+
+def write_proposals(round_dir: Path, pool: list[dict], *, legacy: bool = False) -> None:
+    """The pool's candidates as the propose step leaves them: ``proposals-rank000/`` with the records
+    (this format, or the earlier plain JSON lines) and the pool shard it read."""
+    folder = round_dir / "proposals-rank000"
+    folder.mkdir(parents=True)
+    urls = write_shards(round_dir / "pool", "pool", {item["key"]: item["base"] for item in pool}, pool[0]["image"])
+    records = [{"key": item["key"], "height": H, "width": W,  # image 1's first pair was truncated
+                "pairs": [candidate_record(c, dropped=int(i == 1 and j == 0))
+                          for j, c in enumerate(item["candidates"])]} for i, item in enumerate(pool)]
+    if legacy:
+        (folder / "proposals.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    else:
+        with ProposalFileWriter(folder / "proposals.jsonl.gz") as out:
+            for record in records:
+                out.write(record)
+    (folder / "summary.json").write_text(json.dumps({"rank": 0, "urls": urls}))
+
+
+def flip_chain() -> VerifierChain:
+    return VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), StabilityVerifier(min_iou=0.55),
+                                    FlipConsistencyVerifier(min_iou=0.7), ExhaustivityVerifier(low=0.3, high=0.6)])
+
+
+def read_eagerly(monkeypatch) -> None:
+    """The write stage as it was: every mask stack of every candidate decoded when its record is read."""
+    def decode_all(record, **kwargs):
+        pairs = record_candidates(record, **kwargs)
+        for c, _ in pairs:
+            for name in MASK_FIELDS:
+                getattr(c, name)
+        return pairs
+
+    monkeypatch.setattr(pseudo_labels, "record_candidates", decode_all)
+    monkeypatch.setattr(pseudo_labels, "score_gate", lambda chain: None)
+
+
+def count_decoded(monkeypatch) -> list[int]:
+    """Patches the RLE decoder to record how many masks each call decodes."""
+    decoded, decode_many = [], rle_ops.decode_many
+
+    def counting(rles, height, width):
+        decoded.append(len(rles))
+        return decode_many(rles, height, width)
+
+    monkeypatch.setattr(rle_ops, "decode_many", counting)
+    return decoded
+
+
+def written_files(round_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((round_dir / "shards-rank000").iterdir())}
+
+
+def test_write_stage_decodes_only_what_the_score_check_keeps_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    pool, chain = flip_pool(), flip_chain()
+    miner = HardNegativeMiner(fire_low=0.05, fire_high=0.5, max_presence=0.5)
+    candidates = [c for item in pool for c in item["candidates"]]
+    passed, total = sum(int((c.scores >= 0.5).sum()) for c in candidates), sum(c.num_instances for c in candidates)
+    for folder in ("lazy", "eager", "legacy"):
+        write_proposals(tmp_path / folder, pool, legacy=folder == "legacy")
+    decoded = count_decoded(monkeypatch)
+    assert score_gate(chain) is chain.verifiers[0]
+    lazy = write_rank(round_dir=tmp_path / "lazy", proposer=0, chain=chain, miner=miner, progress=False)
+    # Stability reads the tight and loose masks, flip the mask and its flip, the writer the mask again
+    # (cached): of the instances the score check kept, and of no other.
+    assert 0 < passed < total and sum(decoded) == 4 * passed
+    legacy = write_rank(round_dir=tmp_path / "legacy", proposer=0, chain=chain, miner=miner, progress=False)
+    with monkeypatch.context() as patch:
+        read_eagerly(patch)
+        decoded.clear()
+        eager = write_rank(round_dir=tmp_path / "eager", proposer=0, chain=chain, miner=miner, progress=False)
+        assert sum(decoded) == 4 * total
+    counts = lazy["counts"]
+    assert min(counts["rejected"][name] for name in ("score", "stability", "flip")) > 0 and counts["instances"] > 0
+    assert counts["truncated_pairs"] == 1 and counts["samples"] == len(pool)
+    assert lazy == eager == legacy  # counts and the shards' sizes and hashes
+    files = written_files(tmp_path / "lazy")
+    assert files == written_files(tmp_path / "eager") == written_files(tmp_path / "legacy")
+    assert len(files) == 2  # one shard and the summary
+
+
+def test_score_checks_read_no_pixels_and_limited_stacks_decode_only_their_rows(monkeypatch):
+    c = flip_pool(1)[0]["candidates"][2]  # 3 instances: scores 0.9, 0.7, 0.4
+    (back, _), = record_candidates({"key": c.key, "height": H, "width": W, "pairs": [candidate_record(c)]})
+    decoded = count_decoded(monkeypatch)
+    verified = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), ExhaustivityVerifier(low=0.3, high=0.6)])(back)
+    assert verified.keep.tolist() == [True, True, False] and HardNegativeMiner().is_hard_negative(verified) is False
+    assert candidate_record(back) == candidate_record(c)  # re-serialised from its RLEs
+    assert decoded == []
+    back.limit_decoding(verified.keep)
+    assert torch.equal(back.masks[:2], c.masks[:2]) and not back.masks[2].any()  # row 2 is never decoded
+    assert decoded == [2]
+    with pytest.raises(RuntimeError, match="already decoded"):
+        back.limit_decoding(verified.keep)
+    # Behind any check the gate does not know (a subclass may judge otherwise), every mask read is decoded.
+    assert score_gate(VerifierChain(verifiers=[StabilityVerifier(), ScoreVerifier()])) is None
+    assert score_gate(VerifierChain(verifiers=[ScoreVerifier(), type("Mine", (StabilityVerifier,), {})()])) is None

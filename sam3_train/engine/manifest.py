@@ -3,7 +3,7 @@
 ::
 
     {work_dir}/round-001/                        round_dir_name(1)
-      proposals-rank000/proposals.jsonl, summary.json     proposals_dir_name(r), PROPOSALS, SUMMARY
+      proposals-rank000/proposals.jsonl.gz, summary.json  proposals_dir_name(r), PROPOSALS, SUMMARY
       proposals.json                             PROPOSED: the propose stage's marker
       shards-rank000/pseudo-000000.tar ...       shards_dir_name(r)
       shards.json                                WRITTEN: the write stage's marker
@@ -46,7 +46,8 @@ from sam3_train.dist import is_rank_zero
 FORMAT = 1
 TMP_SUFFIX = ".tmp"  # what is being written; renamed into place when complete
 SUMMARY = "summary.json"  # per-rank summary inside each proposals-rankNNN and shards-rankNNN folder
-PROPOSALS = "proposals.jsonl"  # one line per image, inside proposals-rankNNN (proposals.py)
+PROPOSALS = "proposals.jsonl.gz"  # one gzip member per image, inside proposals-rankNNN (proposal_files.py)
+LEGACY_PROPOSALS = "proposals.jsonl"  # the earlier plain JSON lines, still read
 # The stages' markers (written last by each stage, in this order) and the fit's other files.
 PROPOSED = "proposals.json"
 WRITTEN = "shards.json"

@@ -11,10 +11,11 @@ phrases), and again on the horizontally flipped batch ("left" and "right" swappe
 and turns each pair into a :class:`~sam3_train.engine.candidates.Candidate` through
 ``model.postprocess`` (the path evaluation and prediction take): detections above a score floor,
 boxes in original pixels, masks at logits 0, -offset and +offset, flip masks matched back.
-``ProposalWriter`` writes each rank's records as JSON lines into ``proposals-rankNNN.tmp/``, renames
-the folder when the rank is done, then waits at a barrier (``candidates.ProposalIndex`` reads them).
+``ProposalWriter`` writes each rank's records into ``proposals-rankNNN.tmp/proposals.jsonl.gz`` (one
+gzip member per image: proposal_files.py), renames the folder when the rank is done, then waits at a
+barrier (``proposal_files.ProposalIndex`` reads them).
 
-A record (one line per image; masks as COCO RLE at the original size)::
+A record (one JSON line per image; masks as COCO RLE at the original size)::
 
     {"key", "height", "width", "pairs": [{"phrase", "presence", "scores": [n], "boxes": [n x xyxy],
      "masks", "loose", "tight": [n RLE], "flip": [n RLE] | null, "dropped": int}]}
@@ -25,7 +26,6 @@ A record (one line per image; masks as COCO RLE at the original size)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -55,6 +55,7 @@ from sam3_train.engine.manifest import (
     proposals_dir_name,
     write_json_atomic,
 )
+from sam3_train.engine.proposal_files import ProposalFileWriter
 from sam3_train.model.postprocess import detection_scores, postprocess
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class ProposeModule(L.LightningModule):
 
 # ------------------------------------------------------------------------------------------ files
 class ProposalWriter(BasePredictionWriter):
-    """Each rank writes ``{round_dir}/proposals-rankNNN/`` (``proposals.jsonl`` + ``summary.json``:
+    """Each rank writes ``{round_dir}/proposals-rankNNN/`` (``proposals.jsonl.gz`` + ``summary.json``:
     the pool shards it read, counts, the file's sha256) under a ``.tmp`` name, renamed when the rank
     is done; then a barrier. Rank 0 writes the stage marker after it (rounds.py)."""
 
@@ -258,7 +259,7 @@ class ProposalWriter(BasePredictionWriter):
         if self.tmp.exists():  # left by a killed run: incomplete by definition
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self._file = open(self.tmp / PROPOSALS, "w")
+        self._file = ProposalFileWriter(self.tmp / PROPOSALS)
         self._keys: set[str] = set()
         self.counts = {"images": 0, "pairs": 0, "candidates": 0, "truncated_pairs": 0}
 
@@ -268,7 +269,7 @@ class ProposalWriter(BasePredictionWriter):
                 raise ValueError(f"sample key {record['key']} read twice by rank {trainer.global_rank}: "
                                  "the pool has duplicate keys")
             self._keys.add(record["key"])
-            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            self._file.write(record)
             self.counts["images"] += 1
             self.counts["pairs"] += len(record["pairs"])
             self.counts["candidates"] += sum(len(p["scores"]) for p in record["pairs"])

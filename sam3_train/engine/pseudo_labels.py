@@ -37,9 +37,8 @@ from tqdm import tqdm
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.schema import query, validate_meta
 from sam3_train.data.shards import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSink
-from sam3_train.engine.candidates import Candidate, ProposalIndex, record_candidates
+from sam3_train.engine.candidates import Candidate, record_candidates
 from sam3_train.engine.manifest import (
-    PROPOSALS,
     SUMMARY,
     TMP_SUFFIX,
     add_counts,
@@ -50,8 +49,20 @@ from sam3_train.engine.manifest import (
     shards_dir_name,
     write_json_atomic,
 )
+from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.sources import read_samples
-from sam3_train.engine.verifiers import HardNegativeMiner, Verified, VerifierChain, phrases_with_instances, verify_image
+from sam3_train.engine.verifiers import (
+    ExhaustivityVerifier,
+    FlipConsistencyVerifier,
+    HardNegativeMiner,
+    ScoreVerifier,
+    StabilityVerifier,
+    Verified,
+    Verifier,
+    VerifierChain,
+    phrases_with_instances,
+    verify_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +205,27 @@ class RoundWriter:
 
 
 # ------------------------------------------------------------------------------------------ one proposer
+# Verifiers whose verdict on an instance depends on that instance's own masks and scores alone, with
+# no pair-level opinion drawn from masks: behind a score gate they never need a rejected instance's
+# pixels. (The exact classes: a subclass may judge otherwise.)
+_PER_INSTANCE = (StabilityVerifier, FlipConsistencyVerifier, ExhaustivityVerifier)
+
+
+def score_gate(chain: VerifierChain) -> Verifier | None:
+    """The chain's first verifier when it is a :class:`ScoreVerifier` and every later one is in
+    ``_PER_INSTANCE``; else None.
+
+    An instance the gate rejects is dead before any check reads pixels, and the chain counts later
+    verdicts only on live instances, so its masks need never be decoded (95% of the candidates of
+    the demonstration's round 1). Other chains (e.g. a learned exhaustivity check that looks at the
+    rejected masks too) decode every mask a check reads.
+    """
+    first, *rest = chain.verifiers or [None]
+    if type(first) is ScoreVerifier and all(type(v) in _PER_INSTANCE for v in rest):
+        return first
+    return None
+
+
 def verified_samples(round_dir: str | os.PathLike, proposer: int, chain: VerifierChain,
                      counts: dict[str, Any] | None = None
                      ) -> Iterator[tuple[str, bytes, str, dict[str, Any], list[Verified]]]:
@@ -201,10 +233,13 @@ def verified_samples(round_dir: str | os.PathLike, proposer: int, chain: Verifie
 
     Pool samples without a record (unreadable at propose time) are skipped and counted as
     ``unproposed``; a record whose image is not in those shards fails (the round's files disagree).
+    Masks are decoded when a check or the writer first reads them, and never for the instances a
+    :func:`score_gate` rejects.
     """
     folder = Path(round_dir) / proposals_dir_name(proposer)
     summary = json.loads((folder / SUMMARY).read_text())
-    index = ProposalIndex(folder / PROPOSALS)
+    index = ProposalIndex(proposals_file(folder))
+    gate = score_gate(chain)
     counts = counts if counts is not None else {}
     counts.setdefault("unproposed", 0)
     skipped: dict[str, int] = counts.setdefault("skipped", {"samples": 0})
@@ -215,7 +250,10 @@ def verified_samples(round_dir: str | os.PathLike, proposer: int, chain: Verifie
             log.warning("pool sample %s has no proposals (it was unreadable when proposing): not written", key)
             continue
         seen.add(key)
-        pairs = record_candidates(index.get(key))
+        pairs = record_candidates(index.get(key), source=str(index.path))
+        if gate is not None:
+            for candidate, _ in pairs:
+                candidate.limit_decoding(gate(candidate).keep)
         counts["truncated_pairs"] = counts.get("truncated_pairs", 0) + sum(1 for _, dropped in pairs if dropped)
         yield key, data, ext, meta, verify_image(pairs, chain)
     missing = set(index.offsets) - seen
