@@ -4,6 +4,7 @@
     sam3-train fit --config configs/shapes_tiny.yaml --ckpt_path last      # resume exactly after a kill
     sam3-train validate --config configs/shapes_tiny.yaml --ckpt_path runs/shapes_tiny/checkpoints/last.ckpt
     sam3-train fit --config configs/shapes_tiny.yaml --print_config
+    sam3-train fit-verifier --config configs/verifiers/mv.yaml     # a learned verifier (engine/learned.py)
 
 Configs are OmegaConf YAML (``${...}`` interpolation within a file). Derived values are linked, not
 repeated: the model's input size follows ``data.image_size``.
@@ -162,6 +163,10 @@ def main(args: list[str] | None = None) -> None:
         from sam3_train.video.predict import main as predict_video
 
         raise SystemExit(predict_video(argv[1:]))
+    if argv and argv[0] == "fit-verifier":  # the data engine's learned verifiers (sam3_train/engine/learned.py)
+        from sam3_train.engine.learned import fit_verifier
+
+        raise SystemExit(fit_verifier(argv[1:]))
     Sam3CLI(
         Sam3LitModule,
         Sam3DataModule,

@@ -21,6 +21,7 @@ import yaml
 from conftest import SHAPES_SPLITS
 
 from sam3_train.engine import read_manifest, read_samples, round_finished, shard_paths
+from sam3_train.engine.proposal_files import ProposalIndex
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 REPO = Path(__file__).resolve().parents[1]
@@ -212,8 +213,7 @@ def test_two_rank_ddp_proposes_and_writes_every_pool_image_exactly_once(tmp_path
     pool = tar_keys(tmp_path / "ddp" / p for p in pool_shards)
     summaries = [json.loads((round_dir / f"proposals-rank00{r}" / "summary.json").read_text()) for r in (0, 1)]
     assert [s["urls"] for s in summaries] == [pool_shards[0::2], pool_shards[1::2]]
-    proposed = [[json.loads(line)["key"] for line in (round_dir / f"proposals-rank00{r}" / "proposals.jsonl")
-                 .read_text().splitlines()] for r in (0, 1)]
+    proposed = [list(ProposalIndex(round_dir / f"proposals-rank00{r}" / "proposals.jsonl.gz")) for r in (0, 1)]
     written = [tar_keys(sorted((round_dir / f"shards-rank00{r}").glob("*.tar"))) for r in (0, 1)]
     for keys in (proposed, written):
         assert all(keys) and sorted(keys[0] + keys[1]) == sorted(pool) and len(set(keys[0] + keys[1])) == len(pool)
@@ -244,5 +244,5 @@ def test_adopted_checkpoint_and_fits_from_the_previous_round(finished):
     assert zero["metrics"] == read_manifest(work_a / "round-000")["metrics"]  # the same model, evaluated again
     assert one["outputs"]["fit"]["init_from"] == "engine/round-000/model.ckpt"
     assert list(one["outputs"]["fit"]["sources"]) == ["pseudo"]
-    same = "proposals-rank000/proposals.jsonl"
+    same = "proposals-rank000/proposals.jsonl.gz"
     assert (work / "round-001" / same).read_bytes() == (work_a / "round-001" / same).read_bytes()

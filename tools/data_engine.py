@@ -30,7 +30,7 @@ except ImportError:  # a checkout without installing; appended, not first: datas
 
 from sam3_train.dist import launch  # noqa: E402
 from sam3_train.engine.manifest import MANIFEST, METRICS, MODEL, PROPOSED, WRITTEN, round_dir_name  # noqa: E402
-from sam3_train.engine.rounds import STAGES, Engine  # noqa: E402
+from sam3_train.engine.rounds import STAGES, VERIFIED, Engine  # noqa: E402
 from sam3_train.engine.settings import load_config  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def _status(settings) -> None:
     print(f"work dir {work}")
     for index in range(settings.rounds + 1):
         d = work / round_dir_name(index)
-        stages = [name for name, marker in (("propose", PROPOSED), ("write", WRITTEN), ("fit", MODEL),
+        stages = [name for name, marker in (("propose", PROPOSED), ("verifiers", VERIFIED), ("write", WRITTEN),
+                                            ("fit", MODEL),
                                             ("eval", METRICS), ("done", MANIFEST)) if (d / marker).is_file()]
         line = f"  {d.name}: {' '.join(stages) or 'not started'}"
         if (d / METRICS).is_file():

@@ -7,14 +7,22 @@ One module per concept, in the order a round uses them:
     sources.py        reading shard samples; phrase sources; the labelled / pool split; weighted mixes
     proposals.py      the propose step under DDP: pool batches, detector + flip TTA through
                       model.postprocess, each rank's proposals file
-    candidates.py     Candidate (one pair's proposals in original pixels) and its JSON record / index
+    candidates.py     Candidate (one pair's proposals in original pixels, masks decoded when first read)
+                      and its JSON record
+    proposal_files.py a rank's proposals file (gzip'd JSON lines, one member per image) and its index
     verifiers.py      the verifier chain, its verdicts, hard-negative mining
+    learned.py        the learned verifiers: MV and EV nets, their LightningModule and data, fit-verifier,
+                      LearnedMaskVerifier / LearnedExhaustivityVerifier for the chain
+    verifier_features.py  what those nets see (pixel crops, statistics, hashed phrase words); ShardImages
+    verifier_examples.py  their training examples: proposals on labelled images matched to the labels,
+                      perturbed ground truth, reviewed pairs
+    verifier_stage.py the round's verifiers stage (between propose and write, with engine.verifier_training)
     pseudo_labels.py  verified candidates -> pseudo-labelled samples -> a rank's shards
     review.py         human review: COCO export of flagged pairs, import of the corrections
     training.py       a round's fit and held-out evaluation through Sam3CLI
     manifest.py       the round directory: file names, stage markers, kill points, the manifest
     rounds.py         Engine: the round loop, stages, resumption
-    audit.py          pseudo-label quality against withheld labels
+    audit.py          pseudo-label quality and the verifiers' own precision / recall against withheld labels
 
 Mask IoU lives in ``sam3_train.metrics.iou``, rank and world size and the collectives in
 ``sam3_train.dist``. Exported here, the parts that need no Lightning: candidates, verifiers, shard

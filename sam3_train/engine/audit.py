@@ -10,18 +10,30 @@ a labelled sample of their pool), the written shards can be scored against the w
 
 Instances are matched per (image, phrase) pair, greedily in the order written (the writer keeps
 them by descending score), each to the unmatched true instance of highest IoU.
+
+The verifiers themselves are scored on the proposals, before anything is written, for any chain
+(the heuristic one, a learned one: the same proposals, so the two compare directly)::
+
+    q = round_verifier_quality(round_dir, labelled_urls, settings.chain())
+    q["mask"]          # precision / recall of the kept proposals as "correct instance" (MV)
+    q["exhaustivity"]  # accuracy of the exhaustive verdicts: the kept set covers every true instance (EV)
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sam3_train.engine.candidates import masks_of
 from sam3_train.engine.sources import read_samples
 from sam3_train.metrics.iou import mask_iou
+
+if TYPE_CHECKING:
+    from sam3_train.engine.verifiers import VerifierChain
 
 MATCH_IOU = 0.5
 
@@ -76,3 +88,76 @@ def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min
         "exhaustive": {"pairs": exhaustive, "right": exhaustive_right, "accuracy": share(exhaustive_right, exhaustive)},
         "negatives": {"pairs": negatives, "right": negatives_right, "accuracy": share(negatives_right, negatives)},
     }
+
+
+# ------------------------------------------------------------------------------------------ the verifiers themselves
+def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterable[str], chain: VerifierChain,
+                     min_iou: float = MATCH_IOU) -> dict[str, Any]:
+    """How well ``chain`` judges the proposals in the ``proposals-rankNNN`` folders ``proposals``,
+    against the withheld labels of the same images (``labelled`` shards: their images feed verifiers
+    that look at pixels). Call it once per chain on the same proposals to compare chains (the
+    heuristic default and a learned one), e.g. ``round_verifier_quality`` for a round.
+
+    Truth per (image, phrase) pair whose labelled query is exhaustive (other pairs are skipped):
+      - mask verification: a proposal is correct when it claims, in score order, an unclaimed true
+        instance at mask IoU >= ``min_iou`` (verifier_examples.match_proposals). ``mask``: over every
+        proposal, the chain's kept ones scored as predictions of "correct" (precision, recall);
+        ``reachable`` is the recall of a perfect verifier (true instances some proposal matches).
+      - exhaustivity verification: the pair's kept set is complete when it matches every true
+        instance one to one at ``min_iou`` (extra masks aside: those are mask verification's errors).
+        ``exhaustivity``: accuracy of the chain's exhaustive verdict, and precision / recall of
+        "exhaustive".
+    """
+    from sam3_train.engine.candidates import record_candidates
+    from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
+    from sam3_train.engine.verifier_examples import match_proposals
+    from sam3_train.engine.verifiers import verify_image
+
+    indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
+    m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
+    e = {"pairs": 0, "right": 0, "said": 0, "said_right": 0, "complete": 0}
+    pairs_seen = 0
+    for key, data, _, meta in read_samples(list(labelled)):
+        index = next((i for i in indexes if key in i), None)
+        if index is None:
+            continue
+        height, width = int(meta["height"]), int(meta["width"])
+        truth = {q["phrase"]: _masks(q["instances"], height, width) for q in meta["queries"] if q["exhaustive"]}
+        pairs = [(c, d) for c, d in record_candidates(index.get(key)) if c.phrase in truth]
+        for verified in verify_image(pairs, chain, image=data):
+            c, true = verified.candidate, truth[verified.candidate.phrase]
+            pairs_seen += 1
+            correct = torch.tensor([j is not None for j in match_proposals(c.masks, true, min_iou)], dtype=torch.bool)
+            keep = verified.keep.bool()
+            m["proposals"] += c.num_instances
+            m["kept"] += int(keep.sum())
+            m["correct"] += int(correct.sum())
+            m["kept_correct"] += int((keep & correct).sum())
+            m["true"] += len(true)
+            complete = matched_instances(c.masks[keep], true, min_iou) == len(true)
+            e["pairs"] += 1
+            e["right"] += int(verified.exhaustive == complete)
+            e["said"] += int(verified.exhaustive)
+            e["said_right"] += int(verified.exhaustive and complete)
+            e["complete"] += int(complete)
+    share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    return {
+        "min_iou": min_iou, "pairs": pairs_seen, "verifiers": chain.names,
+        "mask": {**m, "precision": share(m["kept_correct"], m["kept"]),
+                 "recall": share(m["kept_correct"], m["correct"]), "reachable": share(m["correct"], m["true"])},
+        "exhaustivity": {**e, "accuracy": share(e["right"], e["pairs"]), "precision": share(e["said_right"], e["said"]),
+                         "recall": share(e["said_right"], e["complete"])},
+    }
+
+
+def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str], chain: VerifierChain,
+                           *, min_iou: float = MATCH_IOU) -> dict[str, Any]:
+    """:func:`verifier_quality` of ``chain`` on a round's pool proposals (its learned verifiers without a
+    checkpoint bound to the ones the round trained)."""
+    from sam3_train.engine.verifier_stage import bind_round_verifiers
+
+    round_dir = Path(round_dir)
+    if chain.needs_image:
+        bind_round_verifiers(chain, round_dir)
+    folders = sorted(p for p in round_dir.glob("proposals-rank*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return verifier_quality(proposals=folders, labelled=labelled, chain=chain, min_iou=min_iou)

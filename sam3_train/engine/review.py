@@ -50,10 +50,9 @@ from sam3_train.data import rle as rle_ops
 from sam3_train.data.decode import decode_image
 from sam3_train.data.schema import query, validate_meta
 from sam3_train.data.shards import DEFAULT_MAX_COUNT, ShardSink
-from sam3_train.engine.candidates import ProposalIndex, record_candidates
+from sam3_train.engine.candidates import record_candidates
 from sam3_train.engine.manifest import (
     MANIFEST,
-    PROPOSALS,
     SUMMARY,
     TMP_SUFFIX,
     WRITTEN,
@@ -62,6 +61,7 @@ from sam3_train.engine.manifest import (
     shards_dir_name,
     write_json_atomic,
 )
+from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.pseudo_labels import instance_entry
 from sam3_train.engine.sources import read_samples
 from sam3_train.engine.verifiers import Verified, verify_image
@@ -222,12 +222,17 @@ def export_round(*, round_dir: str | os.PathLike, settings: DataEngine, out_dir:
         raise ValueError(f"{round_dir} was written with other verifier thresholds than the config's: "
                          f"{written['inputs']}; export with the config that wrote it")
     chain = settings.chain()
+    if chain.needs_image:  # learned verifiers without a checkpoint: the ones the round trained
+        from sam3_train.engine.verifier_stage import bind_round_verifiers
+
+        bind_round_verifiers(chain, round_dir)
 
     def images():
         for proposer in sorted(written["shards"], key=int):
-            index = ProposalIndex(round_dir / proposals_dir_name(int(proposer)) / PROPOSALS)
+            index = ProposalIndex(proposals_file(round_dir / proposals_dir_name(int(proposer))))
             for key, data, ext, meta in read_samples(_paths(round_dir, written["shards"][proposer]), strict=False):
-                yield data, ext, meta, verify_image(record_candidates(index.get(key)), chain)
+                pairs = record_candidates(index.get(key), source=str(index.path))
+                yield data, ext, meta, verify_image(pairs, chain, image=data)
 
     return export_review(out_dir=out_dir, images=images(), min_score=min_score, only_flagged=only_flagged)
 

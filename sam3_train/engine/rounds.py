@@ -71,7 +71,8 @@ from sam3_train.engine.sources import (
 from sam3_train.engine.training import evaluate, fit_round, log_round
 
 log = logging.getLogger(__name__)
-STAGES = ("propose", "write", "fit", "eval")
+STAGES = ("propose", "verifiers", "write", "fit", "eval")
+VERIFIED = "verifiers.json"  # the verifiers stage's marker (verifier_stage.py; only with engine.verifier_training)
 
 
 def say(message: str) -> None:
@@ -92,7 +93,9 @@ def _remove(round_dir: Path, names: list[str]) -> None:
 # What each stage's (re)start removes: its own outputs and everything downstream.
 _FIT = ["fit", FIT_CONFIG, FIT_INFO, MODEL, METRICS]
 DOWNSTREAM = {
-    "propose": ["proposals-rank*", PROPOSED, "shards-rank*", "review-*", WRITTEN, *_FIT],
+    "propose": ["proposals-rank*", PROPOSED, "verifiers", VERIFIED, "shards-rank*", "review-*", WRITTEN, *_FIT],
+    # not its folder: each of its steps resumes from its own file (verifier_stage.py)
+    "verifiers": [VERIFIED, "shards-rank*", "review-*", WRITTEN, *_FIT],
     "write": ["shards-rank*", "review-*", WRITTEN, *_FIT],
     "fit": _FIT,
     "eval": [METRICS],
@@ -202,6 +205,14 @@ class Engine:
             self._check_inputs(round_dir / PROPOSED, propose_inputs, "proposals")
             if stop_after == "propose":
                 return None
+            if self.settings.verifier_training is not None:
+                from sam3_train.engine.verifier_stage import run_stage, stage_inputs
+
+                if not self._stage_done(round_dir, VERIFIED, "verifiers"):
+                    run_stage(self, round_dir, previous, index)
+                self._check_inputs(round_dir / VERIFIED, stage_inputs(self, previous, index), "verifiers")
+                if stop_after == "verifiers":
+                    return None
             if not self._stage_done(round_dir, WRITTEN, "write"):
                 self.write(round_dir)
             self._check_inputs(round_dir / WRITTEN, self.settings.thresholds(), "shards")
@@ -243,14 +254,19 @@ class Engine:
                              f"restore them or delete {marker.parent} to redo the round")
 
     # ------------------------------------------------------------------ stages
-    def propose(self, round_dir: Path, checkpoint: Path, inputs: dict[str, Any]) -> None:
+    def propose(self, round_dir: Path, checkpoint: Path, inputs: dict[str, Any], *, pool: list[str] | None = None,
+                phrases: Any = "engine", kill_point: str = "propose") -> None:
+        """Propose with ``checkpoint`` on ``pool`` (None: the engine's pool) asking ``phrases`` (the
+        default: the engine's phrase source; None: each image's own) into ``round_dir``."""
         s = self.settings
-        say(f"{round_dir.name}: propose with {checkpoint} on {len(self.pool)} pool shards")
+        pool = self.pool if pool is None else pool
+        phrases = self.phrases if phrases == "engine" else phrases
+        say(f"{round_dir.name}: propose with {checkpoint} on {len(pool)} shards")
         data_args = self.cfg["data"]
         module = ProposeModule(checkpoint=str(checkpoint), flip_tta=s.flip_tta, min_score=s.min_score,
                                max_detections=s.max_detections, stability_offset=s.stability_offset,
                                tokenizer_path=data_args["tokenizer_path"])
-        data = ProposeData(pool=self.pool, phrases=self.phrases, image_size=module.image_size,
+        data = ProposeData(pool=pool, phrases=phrases, image_size=module.image_size,
                            batch_size=s.batch_size, num_workers=s.num_workers,
                            square_resize=data_args["square_resize"], tokenizer_path=data_args["tokenizer_path"])
         trainer = L.Trainer(**trainer_kwargs(self.cfg), logger=False, callbacks=[ProposalWriter(round_dir=round_dir)],
@@ -265,13 +281,20 @@ class Engine:
             say(f"{round_dir.name}: proposed {counts['candidates']} candidates for {counts['pairs']} pairs "
                 f"of {counts['images']} images ({counts['skipped']} unreadable skipped)")
         barrier()
-        fault_point("propose")
+        fault_point(kill_point)
 
     def write(self, round_dir: Path) -> None:
         proposers = read_json(round_dir / PROPOSED)["world_size"]
         chain, miner = self.settings.chain(), self.settings.negatives
+        if chain.needs_image:  # learned verifiers: the round's own where they name none, the pool's images
+            from sam3_train.engine.verifier_features import ShardImages
+            from sam3_train.engine.verifier_stage import bind_round_verifiers
+
+            bind_round_verifiers(chain, round_dir)
         rank, world = rank_and_world()
         for proposer in range(rank, proposers, world):
+            if chain.needs_image:
+                chain.images = ShardImages(read_json(round_dir / proposals_dir_name(proposer) / SUMMARY)["urls"])
             write_rank(round_dir=round_dir, proposer=proposer, chain=chain, miner=miner,
                        max_count=self.settings.max_count, progress=self.progress and is_rank_zero())
         barrier()

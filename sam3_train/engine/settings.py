@@ -17,6 +17,7 @@ round's checkpoint and read back by ``Sam3CLI`` exactly as ``sam3-train fit`` wo
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,37 @@ def default_verifiers(*, flip_tta: bool = True) -> list[Verifier]:
 
 
 @dataclass(kw_only=True)
+class VerifierTraining:
+    """The round's ``verifiers`` stage (verifier_stage.py): train the learned MV and EV on the labelled
+    set, proposed on by the round's proposing model, before the write stage uses them.
+
+    Args:
+        mask_config, exhaustivity_config: ``sam3-train fit-verifier`` configs (model, trainer, data
+            settings; the stage sets the examples file, the outputs and ``save_to``).
+        accept_iou: mask IoU with an unclaimed true instance at which a proposal is a correct mask,
+            and at which a set covers a true instance (verifier_examples.py).
+        min_score: proposals below this score make no examples.
+        max_rejects_per_pair: at most this many rejected proposals per pair (the highest-scored).
+        perturb: add ground-truth rows (true masks accepted; shifted, eroded, merged ones rejected;
+            true sets complete and less one instance).
+        reviewed: add the pairs people changed in earlier rounds' imported reviews.
+        seed: seed of the perturbations.
+    """
+
+    mask_config: str = "configs/verifiers/mv.yaml"
+    exhaustivity_config: str = "configs/verifiers/ev.yaml"
+    accept_iou: float = 0.5
+    min_score: float = 0.05
+    max_rejects_per_pair: int = 10
+    perturb: bool = True
+    reviewed: bool = True
+    seed: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
 class DataEngine:
     """Settings of ``tools/data_engine.py`` (docs/data_engine.md); the ``engine:`` section of its config.
 
@@ -86,6 +118,9 @@ class DataEngine:
         negatives: the hard-negative miner (None: ``HardNegativeMiner()``).
         max_count: samples per pseudo-label shard.
         eval_shards: held-out split evaluated after every fit (None: the data's test split).
+        verifier_training: train the learned verifiers in every round k >= 1 (the ``verifiers`` stage,
+            between propose and write); the chain's ``LearnedMaskVerifier`` /
+            ``LearnedExhaustivityVerifier`` without a checkpoint use them. None: no such stage.
     """
 
     work_dir: str = "runs/engine"
@@ -111,6 +146,7 @@ class DataEngine:
     negatives: HardNegativeMiner | None = None
     max_count: int = 1000
     eval_shards: str | None = None
+    verifier_training: VerifierTraining | None = None
 
     def __post_init__(self) -> None:
         if self.verifiers is None:
@@ -143,6 +179,10 @@ class DataEngine:
                 raise ValueError(f"DataEngine.min_score {self.min_score} is above {name} {value}: detections "
                                  "dropped by the floor could never make a pair uncertain or be mined")
         VerifierChain(verifiers=self.verifiers)  # unique names
+        unbound = [type(v).__name__ for v in self.verifiers if v.uses_context and getattr(v, "checkpoint", "") is None]
+        if unbound and self.verifier_training is None:
+            raise ValueError(f"DataEngine: {', '.join(unbound)} name no checkpoint: set their checkpoint, or set "
+                             "verifier_training so that every round trains them")
 
     def chain(self) -> VerifierChain:
         return VerifierChain(verifiers=self.verifiers)
@@ -153,8 +193,11 @@ class DataEngine:
 
     def thresholds(self) -> dict[str, Any]:
         """The manifest's thresholds: every verifier's arguments, the miner's, the propose step's."""
-        return {"verifiers": self.chain().thresholds(), "negatives": self.negatives.params(),
-                "propose": self.propose_params()}
+        out = {"verifiers": self.chain().thresholds(), "negatives": self.negatives.params(),
+               "propose": self.propose_params()}
+        if self.verifier_training is not None:
+            out["verifier_training"] = self.verifier_training.params()
+        return out
 
 
 # ------------------------------------------------------------------------------------------ reading

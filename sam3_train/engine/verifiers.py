@@ -57,6 +57,10 @@ class Verifier(ABC):
 
     name: str = "verifier"
     rejects_absent: bool = False
+    # True: called as ``verifier(candidate, image=..., alive=...)`` with the image ([3, H, W] uint8,
+    # or None when the chain has none) and the [n] bool instances no earlier verifier dropped
+    # (the learned verifiers, learned.py); False: ``verifier(candidate)``.
+    uses_context: bool = False
 
     @abstractmethod
     def __call__(self, candidate: Candidate) -> Verdict: ...
@@ -160,13 +164,22 @@ class VerifierChain:
 
     A pair is exhaustive when no verifier says otherwise and no verifier with ``rejects_absent =
     False`` dropped an instance (see the module docstring).
+
+    Verifiers with ``uses_context`` also get the image: the one passed to the call (encoded bytes or
+    a [3, H, W] uint8 tensor), else ``images[candidate.key]`` when ``images`` (a mapping, e.g.
+    ``verifier_features.ShardImages``) is set.
     """
 
-    def __init__(self, *, verifiers: Sequence[Verifier]):
+    def __init__(self, *, verifiers: Sequence[Verifier], images: Any = None):
         names = [v.name for v in verifiers]
         if len(set(names)) != len(names):
             raise ValueError(f"verifier names must be unique (they key the manifest's counts), got {names}")
         self.verifiers = list(verifiers)
+        self.images = images
+
+    @property
+    def needs_image(self) -> bool:
+        return any(v.uses_context for v in self.verifiers)
 
     @property
     def names(self) -> list[str]:
@@ -176,13 +189,21 @@ class VerifierChain:
         """``{verifier name: its constructor arguments}`` for the manifest."""
         return {v.name: v.params() for v in self.verifiers}
 
-    def __call__(self, candidate: Candidate) -> Verified:
+    def __call__(self, candidate: Candidate, *, image: Any = None) -> Verified:
         alive = torch.ones(candidate.num_instances, dtype=torch.bool)
         rejected_by: list[str | None] = [None] * candidate.num_instances
         exhaustive, flags = True, []
         kept, rejected = {}, {}
+        if self.needs_image:
+            if image is None and self.images is not None:
+                image = self.images[candidate.key]
+            if image is not None:
+                from sam3_train.engine.verifier_features import image_tensor
+
+                image = image_tensor(image)  # decoded once for every verifier
         for verifier in self.verifiers:
-            verdict = verifier(candidate)
+            verdict = verifier(candidate, image=image, alive=alive.clone()) if verifier.uses_context \
+                else verifier(candidate)
             if tuple(verdict.keep.shape) != (candidate.num_instances,):
                 raise ValueError(f"verifier {verifier.name!r} returned keep of shape {tuple(verdict.keep.shape)} "
                                  f"for {candidate.num_instances} instances")
@@ -201,13 +222,19 @@ class VerifierChain:
                         flags=tuple(flags), kept=kept, rejected=rejected)
 
 
-def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain) -> list[Verified]:
-    """The chain's verdict on every (candidate, dropped) pair of one image. A pair whose detections
-    were truncated at ``max_detections`` (``dropped`` > 0) may hide more instances: it is written
-    non-exhaustive and flagged."""
+def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain, *, image: Any = None
+                 ) -> list[Verified]:
+    """The chain's verdict on every (candidate, dropped) pair of one image (``image``: its encoded
+    bytes or [3, H, W] uint8, for verifiers that look at it). A pair whose detections were truncated
+    at ``max_detections`` (``dropped`` > 0) may hide more instances: it is written non-exhaustive and
+    flagged."""
     out = []
+    if image is not None and chain.needs_image:
+        from sam3_train.engine.verifier_features import image_tensor
+
+        image = image_tensor(image)  # decoded once for the image's pairs
     for candidate, dropped in pairs:
-        verified = chain(candidate)
+        verified = chain(candidate, image=image)
         if dropped:
             verified.exhaustive = False
             verified.flags = (*verified.flags, f"propose: {dropped} detections above the floor not kept")
