@@ -8,7 +8,7 @@ same ``config``), so one checkpoint file serves both. What it adds is what train
   and everything after (exemplar-box encoder, DETR encoder, decoder, heads) runs per pair;
 - every decoder layer's class logits, boxes and presence logit (``aux_outputs``);
 - DAC dual supervision in training (``o2m``, see :mod:`sam3_train.model.decoder`);
-- activation checkpointing for the ViT, the DETR encoder and the decoder.
+- activation checkpointing for the ViT, the DETR encoder, the decoder and the mask decoder.
 
     detector = build_detector("tiny")
     out = detector(batch)   # keys below
@@ -55,7 +55,8 @@ class Sam3Detector(Sam3Model):
     Args:
         config: the transformers ``Sam3Config``.
         dac: duplicate the queries into one-to-one and one-to-many halves in training mode.
-        activation_checkpointing: recompute ViT, DETR-encoder and decoder layers in the backward pass.
+        activation_checkpointing: recompute ViT, DETR-encoder and decoder layers and the mask decoder in
+            the backward pass.
         encode_empty_geometry: run the exemplar-box encoder for every pair, text-only ones included,
             so every prompt ends with the encoder's CLS token: what Meta's SAM 3 always does, and how
             the released weights were trained (the default). ``False`` is transformers' inference,
@@ -279,6 +280,7 @@ class Sam3Detector(Sam3Model):
         memory, memory_pos, shape = self.encode_fusion(levels[-1], pos[-1], prompt, prompt_mask)
 
         dac = self.dac and self.training
+        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         states = run_decoder(
             self.detr_decoder,
             vision_features=memory,
@@ -287,7 +289,7 @@ class Sam3Detector(Sam3Model):
             text_mask=prompt_mask,
             spatial_shape=shape,
             dac=dac,
-            activation_checkpointing=self.activation_checkpointing and self.training and torch.is_grad_enabled(),
+            activation_checkpointing=use_ckpt,
         )
         logits = self.dot_product_scoring(
             decoder_hidden_states=states.hidden, text_features=prompt, text_mask=prompt_mask
@@ -314,7 +316,10 @@ class Sam3Detector(Sam3Model):
                 ],
             }
         if self.train_masks or not self.training:
-            masks = self.mask_decoder(
+            # The pixel decoder works at 4x the token grid per pair (288 x 288 x 256 at 1008 px): with
+            # activation checkpointing it is recomputed in backward like the transformer layers.
+            decode = partial(checkpoint, self.mask_decoder, use_reentrant=False) if use_ckpt else self.mask_decoder
+            masks = decode(
                 decoder_queries=states.hidden[-1],
                 backbone_features=levels,
                 encoder_hidden_states=memory,
