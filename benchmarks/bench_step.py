@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py                     # configs/shapes_tiny.yaml's model, objective, batch
     python benchmarks/bench_step.py --profile           # + torch.profiler's top operators
+    python benchmarks/bench_step.py --compile vision    # + the step with torch.compile'd parts, same run
 
 One step = the detector's training forward (DAC halves), the objective, backward, gradient clipping
 and AdamW, on pre-materialised batches of the built-in shapes dataset at the config's settings (no
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", choices=["vision", "transformer"], default=None,
+                        help="also time the step with the vision encoder, or the DETR encoder and decoder "
+                             "layers, under torch.compile (compile time reported apart)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -105,6 +109,25 @@ def main() -> None:
         seconds = statistics.median(values)
         print(f"  AdamW {kind:<8} {seconds:.3f} s a step  {gflop / seconds:6.1f} GFLOP/s  "
               f"{100 * gflop / seconds / rate:4.1f}% of the matmul rate  ({seconds / statistics.median(times['loop']):.2f}x the loop)")
+    if args.compile:
+        detector.load_state_dict(initial)
+        opt = optimizer("fused")
+        start = time.perf_counter()
+        if args.compile == "vision":
+            detector.vision_encoder.compile()
+        else:
+            for layer in [*detector.detr_encoder.layers, *detector.detr_decoder.layers]:
+                layer.compile()
+        for batch in batches[:2]:  # compiles (and recompiles for the other pair count)
+            step(batch, opt)
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in batches[2:]:
+            step(batch, opt)
+        seconds = (time.perf_counter() - start) / len(batches[2:])
+        fused = statistics.median(times["fused"])
+        print(f"  compiled {args.compile:<11} {seconds:.3f} s a step ({fused / seconds:.2f}x the eager fused step); "
+              f"compiling took {compile_seconds:.0f} s")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
