@@ -150,7 +150,7 @@ def write_stage_timings(*, checkpoint: Path, work: Path, images: int, repeats: i
     from sam3_train.data import ensure_shapes_shards
     from sam3_train.data.shards import ShardSink
     from sam3_train.engine import pseudo_labels
-    from sam3_train.engine.candidates import MASK_FIELDS, record_candidates
+    from sam3_train.engine.candidates import record_candidates
     from sam3_train.engine.proposal_files import ProposalIndex
     from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule
     from sam3_train.engine.settings import load_config
@@ -185,8 +185,7 @@ def write_stage_timings(*, checkpoint: Path, work: Path, images: int, repeats: i
     def eager(record, **kwargs):
         pairs = record_candidates(record, **kwargs)
         for c, _ in pairs:
-            for name in MASK_FIELDS:
-                getattr(c, name)
+            c.decode()
         return pairs
 
     def write(mode: str) -> tuple[float, dict, dict]:

@@ -216,15 +216,17 @@ class Sam3LitModule(L.LightningModule):
             self._nonfinite_loss = True
         return loss
 
-    def _logs_this_step(self) -> bool:
+    def _logs_this_step(self, *, stepped: bool = False) -> bool:
         """Whether the loggers write this step's values (every ``log_every_n_steps``, as Lightning
         decides it). Per-term losses, learning rates and counters are handed to ``self.log`` only then:
         its ~45 calls a step were ~9% of a small CPU step (docs/benchmarks.md); ``train/loss`` (the
-        progress bar) goes every step."""
+        progress bar) goes every step. ``stepped``: asked after the optimiser step, when
+        ``global_step`` has already moved past this batch."""
         if self._trainer is None:
             return True
         every = max(1, self.trainer.log_every_n_steps)
-        return (self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop
+        step = self.trainer.global_step + (0 if stepped else 1)
+        return step % every == 0 or self.trainer.should_stop
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._logs_this_step():
@@ -262,9 +264,7 @@ class Sam3LitModule(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step has advanced past this batch: the step logged now is global_step - 1.
-        every = max(1, self.trainer.log_every_n_steps)
-        if self.trainer.global_step % every == 0 or self.trainer.should_stop:
+        if self._logs_this_step(stepped=True):
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:

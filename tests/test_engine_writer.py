@@ -34,7 +34,7 @@ from sam3_train.engine import (
     shard_paths,
 )
 from sam3_train.engine import pseudo_labels
-from sam3_train.engine.candidates import MASK_FIELDS, candidate_record, record_candidates
+from sam3_train.engine.candidates import candidate_record, record_candidates
 from sam3_train.engine.proposal_files import ProposalFileWriter
 from sam3_train.engine.pseudo_labels import score_gate, write_rank
 
@@ -239,8 +239,7 @@ def read_eagerly(monkeypatch) -> None:
     def decode_all(record, **kwargs):
         pairs = record_candidates(record, **kwargs)
         for c, _ in pairs:
-            for name in MASK_FIELDS:
-                getattr(c, name)
+            c.decode()
         return pairs
 
     monkeypatch.setattr(pseudo_labels, "record_candidates", decode_all)
