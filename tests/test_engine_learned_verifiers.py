@@ -254,6 +254,9 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
     # square said exhaustive, B missing: wrong; star said exhaustive with nothing kept: right.
     assert q["exhaustivity"] == {"pairs": 2, "right": 1, "said": 2, "said_right": 1, "complete": 1,
                                  "accuracy": 0.5, "precision": 0.5, "recall": 1.0}
+    assert q["images"] == 1 and q["pairs"] == 2
+    none = verifier_quality(proposals=[folder], labelled=labelled, chain=chain, max_images=0)  # a sample's bound
+    assert none["images"] == 0 and none["pairs"] == 0 and none["mask"]["proposals"] == 0
     heuristic = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), ExhaustivityVerifier(low=0.2, high=0.7)])
     learned = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), LearnedMaskVerifier(checkpoint=str(trained.mv)),
                                        LearnedExhaustivityVerifier(checkpoint=str(trained.ev))])
@@ -345,6 +348,22 @@ def test_learned_verifiers_without_checkpoint_need_verifier_training():
     with pytest.raises(ValueError, match="LearnedMaskVerifier name no checkpoint"):
         DataEngine(verifiers=[ScoreVerifier(min_score=0.5), LearnedMaskVerifier()])
     assert "verifier_training" not in DataEngine().thresholds()  # the heuristic default is unchanged
+
+
+def test_the_learned_overlay_replaces_the_heuristic_chain_and_trains_the_verifiers():
+    """configs/engine/shapes_learned.yaml on top of the demonstration's files: its list replaces the
+    heuristic chain whole, and the stage trains from the shipped verifier configs."""
+    from sam3_train.engine.settings import load_config
+
+    files = [REPO / "configs" / "shapes_tiny.yaml", REPO / "configs" / "engine" / "shapes.yaml",
+             REPO / "configs" / "engine" / "shapes_learned.yaml"]
+    _, settings = load_config(files)
+    assert settings.chain().names == ["score", "learned_mask", "learned_exhaustivity"]
+    assert settings.chain().needs_image
+    assert (REPO / settings.verifier_training.mask_config) == MV_CONFIG
+    assert (REPO / settings.verifier_training.exhaustivity_config) == EV_CONFIG
+    _, heuristic = load_config(files[:2])
+    assert "learned_mask" not in heuristic.chain().names and heuristic.verifier_training is None
 
 
 # ---------------------------------------------------------------------------------------- through the engine's front

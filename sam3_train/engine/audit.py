@@ -92,7 +92,7 @@ def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min
 
 # ------------------------------------------------------------------------------------------ the verifiers themselves
 def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterable[str], chain: VerifierChain,
-                     min_iou: float = MATCH_IOU) -> dict[str, Any]:
+                     min_iou: float = MATCH_IOU, max_images: int | None = None) -> dict[str, Any]:
     """How well ``chain`` judges the proposals in the ``proposals-rankNNN`` folders ``proposals``,
     against the withheld labels of the same images (``labelled`` shards: their images feed verifiers
     that look at pixels). Call it once per chain on the same proposals to compare chains (the
@@ -107,6 +107,9 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
         instance one to one at ``min_iou`` (extra masks aside: those are mask verification's errors).
         ``exhaustivity``: accuracy of the chain's exhaustive verdict, and precision / recall of
         "exhaustive".
+
+    ``max_images``: score only the first that many proposed images (in ``labelled`` order): a
+    learned chain costs about as much as the write stage per image.
     """
     from sam3_train.engine.candidates import record_candidates
     from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
@@ -116,11 +119,14 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
     m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
     e = {"pairs": 0, "right": 0, "said": 0, "said_right": 0, "complete": 0}
-    pairs_seen = 0
+    pairs_seen = images = 0
     for key, data, _, meta in read_samples(list(labelled)):
         index = next((i for i in indexes if key in i), None)
         if index is None:
             continue
+        if max_images is not None and images == max_images:
+            break
+        images += 1
         height, width = int(meta["height"]), int(meta["width"])
         truth = {q["phrase"]: _masks(q["instances"], height, width) for q in meta["queries"] if q["exhaustive"]}
         pairs = [(c, d) for c, d in record_candidates(index.get(key)) if c.phrase in truth]
@@ -142,7 +148,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
             e["complete"] += int(complete)
     share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
     return {
-        "min_iou": min_iou, "pairs": pairs_seen, "verifiers": chain.names,
+        "min_iou": min_iou, "images": images, "pairs": pairs_seen, "verifiers": chain.names,
         "mask": {**m, "precision": share(m["kept_correct"], m["kept"]),
                  "recall": share(m["kept_correct"], m["correct"]), "reachable": share(m["correct"], m["true"])},
         "exhaustivity": {**e, "accuracy": share(e["right"], e["pairs"]), "precision": share(e["said_right"], e["said"]),
@@ -151,7 +157,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
 
 
 def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str], chain: VerifierChain,
-                           *, min_iou: float = MATCH_IOU) -> dict[str, Any]:
+                           *, min_iou: float = MATCH_IOU, max_images: int | None = None) -> dict[str, Any]:
     """:func:`verifier_quality` of ``chain`` on a round's pool proposals (its learned verifiers without a
     checkpoint bound to the ones the round trained)."""
     from sam3_train.engine.verifier_stage import bind_round_verifiers
@@ -160,4 +166,4 @@ def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str]
     if chain.needs_image:
         bind_round_verifiers(chain, round_dir)
     folders = sorted(p for p in round_dir.glob("proposals-rank*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return verifier_quality(proposals=folders, labelled=labelled, chain=chain, min_iou=min_iou)
+    return verifier_quality(proposals=folders, labelled=labelled, chain=chain, min_iou=min_iou, max_images=max_images)
