@@ -1,28 +1,38 @@
-"""The data engine's measured demonstration: how much of the gap to full supervision pseudo-labels close.
+"""The data engine's measured demonstration: do pseudo-labelling rounds close the gap to full supervision?
 
-    python benchmarks/bench_engine.py                 # the demonstration at configs/shapes_tiny.yaml's budget
+    python benchmarks/bench_engine.py --jobs 2        # two seeds x two regimes, learned verifiers (~2 h, 2 cores)
     python benchmarks/bench_engine.py --quick         # a handful of steps on a small shapes set: checks it runs
-    python benchmarks/bench_engine.py trainer.devices=2 trainer.strategy=ddp_find_unused_parameters_true
+    python benchmarks/bench_engine.py --chain heuristic --regimes weak --seeds 0 --steps 3000 --rounds 2
+                                                      # the first round's demonstration (hand-set checks)
 
     python benchmarks/bench_engine.py --iou           # the verifiers' and flip matching's mask IoU, timed
     python benchmarks/bench_engine.py --write-stage   # the write stage from real proposals: lazy vs eager
                                                       # decoding, proposals file bytes (needs --checkpoint)
 
-The engine config is configs/shapes_tiny.yaml with the overlay configs/engine/shapes.yaml
-(``--config`` repeated replaces both).
+The engine configs are configs/shapes_tiny.yaml with the overlay configs/engine/shapes.yaml, and for the
+learned verifiers (``--chain learned``, the default) configs/engine/shapes_learned.yaml on top.
 
-On the built-in shapes dataset: round 0 trains on 10% of the train split with its labels, the other
-90% (labels stripped) is the unlabelled pool, two pseudo-labelling rounds follow; a fourth model
-trains on 100% of the labels. Every model gets the same budget (the config's ``trainer.max_steps``,
-each from the same initialisation: ``fit_from: base``) and is evaluated on the held-out test split.
-Both runs go through the real front (``tools/data_engine.py run``, in subprocesses), so the benchmark
-is resumable like the engine: run the same command again after an interruption.
+On the built-in shapes dataset, 10% of the train split keeps its labels and the other 90% (labels
+stripped) is the unlabelled pool. Per seed (``seed_everything``; the split is the same for all):
 
-Reports held-out cgF1 (and box cgF1, IL_MCC, pmF1) for round 0, 1, 2 and full supervision, the share
-of the round-0 gap closed by the last round, per round what the verifiers kept and rejected (the
-first thing to read when the gap does not close), and how good the written pseudo-labels are against
-the pool's withheld labels (``sam3_train.engine.audit``: instance precision and recall, exhaustive and
-negative pairs right). Printed and saved as JSON (``--out``).
+- **student**: round 0 trains on the labelled 10% (``--steps``), then ``--rounds`` pseudo-labelling
+  rounds, each proposed by the previous round's model (the *weak* regime: the from-scratch case);
+- **strong**: the same rounds, but round 0's model is a stronger proposer adopted through
+  ``engine.checkpoint``: the config's model trained on the same labelled 10% for ``--proposer-steps``
+  (once, seed 0, shared by the seeds as one pretrained model is shared by its users). Its students
+  train ``--steps`` as everywhere;
+- **full**: a model trained on 100% of the labels, the gap's far end.
+
+Every student trains from the same initialisation (``fit_from: base``) with the same budget and is
+evaluated on the held-out test split; the gap closed by the last round is (last - student round 0) /
+(full - student round 0), in both regimes against the same student round 0. Per round it reports what
+the chain kept and rejected, how good the written pseudo-labels are against the pool's withheld labels
+(``audit.pseudo_label_quality``), and both chains' decisions on the same proposals
+(``audit.round_verifier_quality``: the heuristic chain of configs/engine/shapes.yaml and the learned
+one the round trained). Mean and spread (min, max) over the seeds. Every run goes through the real
+front (``tools/data_engine.py run``, in subprocesses), so the benchmark is resumable: run the same
+command again after an interruption. ``--jobs N`` runs N seeds at once, each with cpus / N threads.
+Printed and saved as JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ sys.path.insert(0, str(REPO))
 TOOL = REPO / "tools" / "data_engine.py"
 METRICS = ("test/cgF1", "test/box_cgF1", "test/IL_MCC", "test/pmF1")
 CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
+LEARNED = "configs/engine/shapes_learned.yaml"
 # A CPU smoke scale: 40 / 8 / 8 images at 112 px, three steps per model.
 QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112", "trainer.max_steps=3",
          "data.steps_per_epoch=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
@@ -48,11 +59,20 @@ QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112
          "data.max_phrases_per_image=3", "engine.split_shards=4", "engine.num_workers=0", "engine.max_detections=5"]
 
 
-def run_engine(configs: list[str], work_dir: Path, overrides: list[str]) -> None:
+def run_engine(configs: list[str], work_dir: Path, overrides: list[str], *, threads: int | None = None,
+               log: Path | None = None) -> None:
+    """One ``tools/data_engine.py run`` in a subprocess (with ``threads`` intra-op threads; output to ``log``)."""
     options = [a for c in configs for a in ("--config", c)]
     command = [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work_dir}", *overrides]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    print("$", " ".join(command) + (f"  > {log}" if log else ""), flush=True)
+    if log is None:
+        subprocess.run(command, check=True, cwd=REPO, env=env)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        if subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{' '.join(command)} failed: see {log}")
 
 
 def manifest(round_dir: Path) -> dict:
@@ -64,7 +84,8 @@ def manifest(round_dir: Path) -> dict:
 
 def verifier_report(counts: dict) -> dict:
     """What the chain did to the round's candidates, and the verifier that rejected the most."""
-    candidates = counts["proposed"]["candidates"]
+    # the chain's first verifier judges every candidate, each later one the survivors
+    candidates = max((n + counts["rejected"].get(v, 0) for v, n in counts["kept"].items()), default=0)
     rejected = counts["rejected"]
     worst = max(rejected, key=rejected.get) if rejected else None
     return {"candidates": candidates, "instances_kept": counts["instances"], "rejected": rejected,
@@ -228,11 +249,264 @@ def write_stage_timings(*, checkpoint: Path, work: Path, images: int, repeats: i
     }
 
 
+def chain_of(configs: list[str]):
+    from sam3_train.engine.settings import load_config
+
+    return load_config([REPO / c for c in configs])[1].chain()
+
+
+def read_marker(round_dir: Path, name: str) -> dict | None:
+    path = round_dir / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]], audit_images: int | None) -> dict:
+    """A pseudo-labelling round, as far as it got: every chain's decisions on its proposals (once
+    proposed; the learned chain once its verifiers are trained), and what its own chain wrote and how
+    good that is (once written), against the pool's withheld labels."""
+    from sam3_train.engine.audit import round_verifier_quality
+    from sam3_train.engine.manifest import PROPOSED, WRITTEN
+    from sam3_train.engine.rounds import VERIFIED
+
+    split = json.loads((engine_dir / "split" / "split.json").read_text())
+    labelled = [u if Path(u).is_absolute() else str(REPO / u) for u in split["params"]["urls"]]
+    decisions = {}
+    for name, configs in chains.items():
+        chain = chain_of(configs)
+        if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
+            continue
+        key = " ".join([name, str(audit_images), *(file_digest(p) for p in sorted(round_dir.glob(
+            "proposals-rank*/proposals.jsonl.gz"))), *(file_digest(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
+        cache = engine_dir.parent.parent / "decisions.json"  # the strong regime's seeds share round 1's
+        known = json.loads(cache.read_text()) if cache.is_file() else {}  # proposals and verifiers; reruns
+        if key not in known:
+            known[key] = round_verifier_quality(round_dir, labelled, chain, max_images=audit_images)
+            fresh = json.loads(cache.read_text()) if cache.is_file() else {}  # another report may have added some
+            cache.write_text(json.dumps({**fresh, key: known[key]}, indent=1) + "\n")
+        decisions[name] = known[key]
+    written = read_marker(round_dir, WRITTEN)
+    return {"chain": verifier_report(written["counts"]) if written else None,
+            "pseudo_labels": label_quality(engine_dir, round_dir, written) if written else None,
+            "decisions": decisions}
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_report(engine_dir: Path, chains: dict[str, list[str]], audit_images: int | None) -> list[dict]:
+    """Per round of one engine run (as far as it got): its test metrics, and for rounds >= 1 :func:`round_report`."""
+    out = []
+    for i, round_dir in enumerate(sorted(engine_dir.glob("round-[0-9][0-9][0-9]"))):
+        m = read_marker(round_dir, "manifest.json")
+        row = {"round": i, "metrics": {k: m["metrics"].get(k) for k in METRICS} if m else None}
+        if i > 0:
+            row.update(round_report(engine_dir, round_dir, chains, audit_images))
+        out.append(row)
+    return out
+
+
+def share_proposer_round(src: Path, dst: Path) -> bool:
+    """Give the engine run ``dst`` the first pseudo-labelling round of ``src`` up to its pseudo-labels.
+
+    In the strong regime round 1's proposals, verifiers and pseudo-labels depend only on the proposer
+    and the pool (the same for every seed), never on the student's seed: the first seed makes them,
+    later seeds take them and only fit. The stage markers record their inputs with the run's paths,
+    which are rewritten, so the engine's input checks still compare everything else. False while
+    ``src`` has not written its pseudo-labels yet."""
+    import shutil
+
+    from sam3_train.engine.manifest import PROPOSED, WRITTEN
+    from sam3_train.engine.rounds import VERIFIED
+
+    source, target = src / "round-001", dst / "round-001"
+    if (target / WRITTEN).is_file():
+        return True
+    if not (source / WRITTEN).is_file():
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for folder in [*source.glob("proposals-rank*"), *source.glob("shards-rank*"), source / "verifiers"]:
+        if folder.is_dir() and not folder.name.endswith(".tmp"):
+            shutil.copytree(folder, target / folder.name, dirs_exist_ok=True)
+    for marker in (PROPOSED, VERIFIED, WRITTEN):  # the write marker last: it says the stages are done
+        if (source / marker).is_file():
+            (target / marker).write_text((source / marker).read_text().replace(str(src), str(dst)))
+    return True
+
+
+def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str], regimes: list[str],
+              proposer: Path | None, threads: int | None, first_seed: int) -> None:
+    """Every engine run of one seed (each resumable): the student's rounds, 100% labels, the strong regime
+    (whose round 1 up to the pseudo-labels a later seed takes from ``first_seed``'s run)."""
+    base = [*overrides, f"seed_everything={seed}"]
+    log = work / f"seed-{seed}" / "engine.log"
+    run = lambda name, args: run_engine(configs, work / f"seed-{seed}" / name, args, threads=threads, log=log)  # noqa: E731
+    if "weak" in regimes:
+        run("weak", base)
+    if "strong" in regimes:
+        strong = [*base, f"engine.checkpoint={proposer}"]
+        if seed != first_seed:
+            run("strong", [*strong, "engine.rounds=0"])  # round 0 adopts the proposer
+            while not share_proposer_round(work / f"seed-{first_seed}" / "strong", work / f"seed-{seed}" / "strong"):
+                time.sleep(30)
+        run("strong", strong)
+    run("full", [*base, "engine.labelled_fraction=1.0", "engine.rounds=0"])
+
+
+def cgf1(row: dict | None) -> float | None:
+    return row["metrics"]["test/cgF1"] if row and row.get("metrics") else None
+
+
+def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes: list[str],
+                audit_images: int | None) -> dict:
+    """One seed's runs as far as they got (a missing figure is None)."""
+    root = work / f"seed-{seed}"
+    full = read_marker(root / "full" / "round-000", "manifest.json")
+    result = {"seed": seed, "full": {k: full["metrics"].get(k) for k in METRICS} if full else None, "regimes": {}}
+    runs = {regime: run_report(root / regime, chains, audit_images) for regime in regimes}
+    student0 = cgf1(runs["weak"][0] if runs.get("weak") else None)
+    best = result["full"]["test/cgF1"] if result["full"] else None
+    for regime, rows in runs.items():
+        last = cgf1(rows[-1]) if len(rows) > 1 else None
+        known = None not in (student0, best, last) and best > student0
+        changes = [cgf1(r) - student0 for r in rows[1:] if cgf1(r) is not None and student0 is not None]
+        result["regimes"][regime] = {"rounds": rows, "gap_recovered": (last - student0) / (best - student0) if known else None,
+                                     "worst_round_change": min(changes, default=None)}
+    return result
+
+
+def spread(values: list[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
+
+
+def summary(seeds: list[dict], regimes: list[str]) -> dict:
+    """Mean and spread over the seeds of the figures the aims name (over the seeds that have them)."""
+    get = lambda obj, *path: None if obj is None else (obj if not path else get(obj.get(path[0]), *path[1:]))  # noqa: E731
+    out = {"full cgF1": spread([get(s, "full", "test/cgF1") for s in seeds])}
+    for regime in regimes:
+        runs = [s["regimes"][regime] for s in seeds]
+        for i in range(max(len(r["rounds"]) for r in runs)):
+            rows = [r["rounds"][i] if i < len(r["rounds"]) else None for r in runs]
+            out[f"{regime} round {i} cgF1"] = spread([cgf1(r) for r in rows])
+            if i == 0:
+                continue
+            for what in ("precision", "recall"):
+                out[f"{regime} round {i} pseudo-label {what}"] = spread(
+                    [get(r, "pseudo_labels", "instances", what) for r in rows])
+            chains = sorted({c for r in rows if r for c in r["decisions"]})
+            for chain in chains:
+                d = [get(r, "decisions", chain) for r in rows]
+                out[f"{regime} round {i} {chain} MV precision"] = spread([get(x, "mask", "precision") for x in d])
+                out[f"{regime} round {i} {chain} MV recall"] = spread([get(x, "mask", "recall") for x in d])
+                out[f"{regime} round {i} {chain} EV accuracy"] = spread([get(x, "exhaustivity", "accuracy") for x in d])
+        out[f"{regime} gap recovered"] = spread([r["gap_recovered"] for r in runs])
+        out[f"{regime} worst round change"] = spread([r["worst_round_change"] for r in runs])
+    return out
+
+
+def demonstration(args: argparse.Namespace) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam3_train.callbacks import matmul_gflops
+
+    learned = args.chain == "learned"
+    args.audit_images = args.audit_images or None
+    configs = args.config or [*CONFIGS, *([LEARNED] if learned else [])]
+    chains = {"heuristic": CONFIGS, **({"learned": [*CONFIGS, LEARNED]} if learned else {})}
+    suffix = "_quick" if args.quick else ""
+    work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")
+    quick = [*QUICK, f"data.shapes_root={work / 'shapes'}"] if args.quick else []
+    steps = 3 if args.quick else args.steps
+    overrides = [*quick, f"trainer.max_steps={steps}", f"engine.rounds={args.rounds}", *args.overrides]
+    if args.quick:
+        configs = [*configs, *quick_verifier_configs(work)] if learned else configs
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    gflops = matmul_gflops()
+    start = time.perf_counter()
+    proposer = work / "proposer" / "round-000" / "model.ckpt" if "strong" in args.regimes else None
+    if "strong" in args.regimes and not args.report_only:  # once, with every thread, before the seeds
+        steps_proposer = 6 if args.quick else args.proposer_steps
+        run_engine(CONFIGS, work / "proposer", [*quick, *args.overrides, f"trainer.max_steps={steps_proposer}",
+                                                "engine.rounds=0", "seed_everything=0"])
+    with ThreadPoolExecutor(max_workers=args.jobs if not args.report_only else 1) as pool:
+        futures = [pool.submit(seed_runs, seed=seed, work=work, configs=configs, overrides=overrides,
+                               regimes=args.regimes, proposer=proposer, threads=threads if args.jobs > 1 else None,
+                               first_seed=args.seeds[0])
+                   for seed in (args.seeds if not args.report_only else [])]
+        for future in futures:
+            future.result()
+    seconds = time.perf_counter() - start
+    seeds = [seed_result(seed=seed, work=work, chains=chains, regimes=args.regimes, audit_images=args.audit_images)
+             for seed in args.seeds]
+    result = {
+        "benchmark": "data_engine", "quick": args.quick, "config": configs, "overrides": overrides,
+        "chain": args.chain, "audit_images": args.audit_images, "seeds": args.seeds, "regimes": args.regimes, "rounds": args.rounds,
+        "steps_per_student": steps,
+        "proposer": None if proposer is None else {
+            "steps": 6 if args.quick else args.proposer_steps,
+            "metrics": {k: manifest(work / "proposer" / "round-000")["metrics"].get(k) for k in METRICS}},
+        "summary": summary(seeds, args.regimes), "per_seed": seeds,
+        "matmul_fp32_gflops": round(gflops, 1), "jobs": args.jobs, "wall_seconds": None if args.report_only else round(seconds, 1),
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+    }
+    print_result(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+def quick_verifier_configs(work: Path) -> list[str]:
+    """--quick: an overlay pointing the verifiers stage at 3-step copies of the verifier configs."""
+    import yaml
+
+    folder = work / "verifier_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, name in (("mask_config", "mv"), ("exhaustivity_config", "ev")):
+        cfg = yaml.safe_load((REPO / "configs" / "verifiers" / f"{name}.yaml").read_text())
+        cfg["trainer"]["max_steps"] = 3
+        paths[kind] = folder / f"{name}.yaml"
+        paths[kind].write_text(yaml.safe_dump(cfg))
+    overlay = folder / "engine.yaml"
+    overlay.write_text(yaml.safe_dump({"engine": {"verifier_training": {k: str(v) for k, v in paths.items()}}}))
+    return [str(overlay)]
+
+
+def print_result(result: dict) -> None:
+    fmt = lambda s: "n/a" if s is None else (  # noqa: E731
+        f"{s['mean']:.3g} ({', '.join(f'{v:.3g}' for v in s['values'])})")
+    print(f"\nheld-out test split, {result['steps_per_student']} steps per student, seeds {result['seeds']}, "
+          f"{result['chain']} verifiers{' (QUICK: a smoke run, not a measurement)' if result['quick'] else ''}")
+    if result["proposer"]:
+        print(f"strong regime's proposer: {result['proposer']['steps']} steps on the labelled share, test cgF1 "
+              f"{result['proposer']['metrics']['test/cgF1']:.3g}")
+    for name, value in result["summary"].items():
+        print(f"  {name:<48} {fmt(value)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="engine config files, in order (default: "
-                        f"{' then '.join(CONFIGS)})")
+                        f"{' then '.join(CONFIGS)}, then {LEARNED} with --chain learned)")
     parser.add_argument("--quick", action="store_true", help="tiny scale (a handful of steps): checks the pipeline")
+    parser.add_argument("--chain", choices=["learned", "heuristic"], default="learned",
+                        help="the verifiers that write the pseudo-labels (default learned; both are scored)")
+    parser.add_argument("--regimes", nargs="+", choices=["weak", "strong"], default=["weak", "strong"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=1, help="pseudo-labelling rounds per regime (default 1)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of every student (default 1500)")
+    parser.add_argument("--proposer-steps", type=int, default=3000,
+                        help="the strong regime's proposer's steps on the labelled share (default 3000)")
+    parser.add_argument("--audit-images", type=int, default=300, help="pool images on which every chain's "
+                        "decisions are scored against the withheld labels (default 300; 0: all)")
+    parser.add_argument("--report-only", action="store_true", help="report the runs already in --work-dir")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (threads split between them)")
     parser.add_argument("--iou", action="store_true", help="only time the engine's mask IoU against its baselines")
     parser.add_argument("--write-stage", action="store_true", help="only time the write stage from real proposals "
                         "(lazy vs eager mask decoding) and measure the proposals file's bytes per image")
@@ -270,56 +544,7 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved {out}")
         return
-    configs = args.config or CONFIGS
-    suffix = "_quick" if args.quick else ""
-    work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")
-    overrides = ([*QUICK, f"data.shapes_root={work / 'shapes'}"] if args.quick else []) + args.overrides
-    start = time.perf_counter()
-    run_engine(configs, work / "engine", overrides)
-    run_engine(configs, work / "full", [*overrides, "engine.labelled_fraction=1.0", "engine.rounds=0"])
-    seconds = time.perf_counter() - start
-
-    rounds = sorted((work / "engine").glob("round-[0-9][0-9][0-9]"))
-    manifests = [manifest(d) for d in rounds]
-    full = manifest(work / "full" / "round-000")
-    rows = [(f"round {i}", m["metrics"]) for i, m in enumerate(manifests)] + [("100% labels", full["metrics"])]
-    first, last, best = manifests[0]["metrics"]["test/cgF1"], manifests[-1]["metrics"]["test/cgF1"], full["metrics"]["test/cgF1"]
-    gap = best - first
-    recovered = (last - first) / gap if gap > 0 else None
-    result = {
-        "benchmark": "data_engine", "quick": args.quick, "config": configs, "overrides": overrides,
-        "labelled_images": manifests[0]["outputs"]["fit"]["sources"]["labelled"]["samples"],
-        "pool_images": manifests[1]["counts"]["proposed"]["images"] if len(manifests) > 1 else 0,
-        "steps_per_model": full["outputs"]["fit"]["steps"],
-        "metrics": {name: {k: m.get(k) for k in METRICS} for name, m in rows},
-        "gap_recovered": recovered,
-        "verifiers": {f"round {i}": verifier_report(m["counts"]) for i, m in enumerate(manifests) if i > 0},
-        "pseudo_label_quality": {f"round {i}": label_quality(work / "engine", rounds[i], m)
-                                 for i, m in enumerate(manifests) if i > 0},
-        "thresholds": manifests[-1]["thresholds"], "wall_seconds": round(seconds, 1),
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-    }
-    print(f"\nheld-out test split, {result['steps_per_model']} steps per model"
-          f"{' (QUICK: a smoke run, not a measurement)' if args.quick else ''}")
-    print(f"{'model':<14}" + "".join(f"{k.split('/')[1]:>10}" for k in METRICS))
-    for name, metrics in rows:
-        print(f"{name:<14}" + "".join(f"{metrics.get(k, float('nan')):>10.2f}" for k in METRICS))
-    print("gap closed by the last round: " + ("n/a (round 0 is not below full supervision)" if recovered is None
-                                             else f"{100 * recovered:.0f}%"))
-    for name, report in result["verifiers"].items():
-        print(f"{name}: {report['instances_kept']} of {report['candidates']} candidates kept; rejected "
-              + ", ".join(f"{k} {v}" for k, v in report["rejected"].items())
-              + f"; {report['exhaustive_pairs']}/{report['pairs']} pairs exhaustive, "
-                f"{report['negatives_mined']} negatives mined")
-    for name, q in result["pseudo_label_quality"].items():
-        inst, exh, neg = q["instances"], q["exhaustive"], q["negatives"]
-        print(f"{name} against the withheld labels: instance precision {inst['precision']}, recall {inst['recall']} "
-              f"({inst['matched']} of {inst['kept']} kept match one of {inst['true']}); exhaustive pairs right "
-              f"{exh['accuracy']} of {exh['pairs']}; negatives right {neg['accuracy']} of {neg['pairs']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    demonstration(args)
 
 
 if __name__ == "__main__":
