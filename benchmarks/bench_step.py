@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                     # configs/shapes_tiny.yaml's model, objective, batch
     python benchmarks/bench_step.py --profile           # + torch.profiler's top operators
     python benchmarks/bench_step.py --compile vision    # + the step with torch.compile'd parts, same run
+    python benchmarks/bench_step.py --bf16              # + the step under CPU bf16 autocast (Lightning's bf16-mixed)
 
 One step = the detector's training forward (DAC halves), the objective, backward, gradient clipping
 and AdamW, on pre-materialised batches of the built-in shapes dataset at the config's settings (no
@@ -16,6 +17,7 @@ median of the repeats. Results: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -62,6 +64,9 @@ def main() -> None:
     parser.add_argument("--compile", choices=["vision", "transformer"], default=None,
                         help="also time the step with the vision encoder, or the DETR encoder and decoder "
                              "layers, under torch.compile (compile time reported apart)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time the step with forward and objective under torch.autocast('cpu', bfloat16), "
+                             "next to the bf16 matmul rate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -76,9 +81,11 @@ def main() -> None:
         options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
         return torch.optim.AdamW(groups, lr=h.lr, **options)
 
-    def step(batch, opt) -> None:
-        outputs = detector(batch)
-        loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
+    def step(batch, opt, bf16: bool = False) -> None:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:  # what Lightning's bf16-mixed wraps: the forward and the objective
+            outputs = detector(batch)
+            loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
@@ -91,16 +98,20 @@ def main() -> None:
     gflop = counter.get_total_flops() / 1e9
 
     times: dict[str, list[float]] = {"loop": [], "foreach": [], "fused": []}
-    rates = []
+    if args.bf16:
+        times["bf16"] = []  # fused AdamW, bf16 autocast
+    rates, bf16_rates = [], []
     for _ in range(args.repeats):
         rates.append(matmul_gflops())
+        if args.bf16:
+            bf16_rates.append(matmul_gflops(dtype=torch.bfloat16))
         for kind in times:
             detector.load_state_dict(initial)
-            opt = optimizer(kind)
-            step(batches[0], opt)  # warm-up: optimiser state allocated
+            opt = optimizer("fused" if kind == "bf16" else kind)
+            step(batches[0], opt, kind == "bf16")  # warm-up: optimiser state allocated
             start = time.perf_counter()
             for batch in batches[2:]:
-                step(batch, opt)
+                step(batch, opt, kind == "bf16")
             times[kind].append((time.perf_counter() - start) / len(batches[2:]))
     rate = statistics.median(rates)
     print(f"{args.config.name}: {gflop:.1f} GFLOP a step; fp32 1024x1024 matmul {rate:.0f} GFLOP/s "
@@ -109,6 +120,10 @@ def main() -> None:
         seconds = statistics.median(values)
         print(f"  AdamW {kind:<8} {seconds:.3f} s a step  {gflop / seconds:6.1f} GFLOP/s  "
               f"{100 * gflop / seconds / rate:4.1f}% of the matmul rate  ({seconds / statistics.median(times['loop']):.2f}x the loop)")
+    if args.bf16:
+        print(f"  bf16 1024x1024 matmul {statistics.median(bf16_rates):.0f} GFLOP/s "
+              f"({statistics.median(bf16_rates) / rate:.1f}x fp32); bf16-autocast step "
+              f"{statistics.median(times['bf16']) / statistics.median(times['fused']):.2f}x the fp32 fused step's time")
     if args.compile:
         detector.load_state_dict(initial)
         opt = optimizer("fused")

@@ -189,10 +189,11 @@ def _labels(phrase: str, n: int) -> dict[int, str]:
     return {0: "background", **{i + 1: f"{phrase} #{i + 1}" for i in range(max(n, 1))}}
 
 
-def matmul_gflops(size: int = 1024, seconds: float = 0.3) -> float:
-    """This machine's fp32 ``size`` x ``size`` matmul rate in GFLOP/s (best of repeats over ``seconds``):
-    the yardstick that makes a step time comparable across machines (they differ up to 2x)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 1024, seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's ``size`` x ``size`` matmul rate in GFLOP/s (fp32 unless ``dtype``; best of repeats
+    over ``seconds``): the yardstick that makes a step time comparable across machines (they differ up
+    to 2x)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
