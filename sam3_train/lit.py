@@ -56,7 +56,8 @@ class Sam3LitModule(L.LightningModule):
         pretrained: local HF-format checkpoint directory (``facebook/sam3`` layout) to fine-tune from;
             overrides ``preset``.
         init: initialisation when training from scratch: ``meta`` (Meta's SAM 3 code, the default),
-            ``xavier`` or ``transformers`` (see ``Sam3Detector``); ignored with ``pretrained``.
+            ``meta_grid`` (with the reference boxes' centres on a grid), ``xavier`` or ``transformers``
+            (see ``Sam3Detector``); ignored with ``pretrained``.
         dac: DAC-DETR one-to-many half in training.
         encode_empty_geometry: run the exemplar-box encoder for text-only prompts too, adding its CLS
             token, as Meta's SAM 3 trains and predicts (the released weights expect it); False equals

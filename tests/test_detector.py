@@ -435,3 +435,26 @@ def test_cpu_bf16_autocast_runs_the_exemplar_encoder():
     assert torch.isfinite(loss)
     assert out["pred_logits"].dtype == torch.bfloat16  # the rest still runs in bf16
     assert det.geometry_encoder.boxes_pool_project.weight.grad is not None
+
+
+def test_meta_grid_init_puts_reference_centres_on_a_grid_and_keeps_the_rest_of_meta():
+    """init="meta_grid": Meta's init with the 20 reference-box centres at the cells of a 4 x 5 grid
+    (hand-computed centres), their drawn sizes and every other weight equal to init="meta"'s."""
+    torch.manual_seed(0)
+    grid = build_detector("tiny", init="meta_grid", num_queries=20)
+    torch.manual_seed(0)
+    meta = build_detector("tiny", init="meta", num_queries=20)
+    centres = grid.detr_decoder.reference_points.weight.detach().sigmoid()[:, :2]
+    xs, ys = [0.1, 0.3, 0.5, 0.7, 0.9], [0.125, 0.375, 0.625, 0.875]
+    expected = torch.tensor([[x, y] for y in ys for x in xs])
+    torch.testing.assert_close(centres, expected, atol=1e-6, rtol=0)
+    theirs = meta.state_dict()
+    for name, value in grid.state_dict().items():
+        if name == "detr_decoder.reference_points.weight":
+            torch.testing.assert_close(value[:, 2:], theirs[name][:, 2:], atol=0, rtol=0)  # sizes as drawn
+        else:
+            torch.testing.assert_close(value, theirs[name], atol=0, rtol=0, msg=name)
+    torch.manual_seed(0)
+    odd = build_detector("tiny", init="meta_grid", num_queries=7)  # 2 x 4 cells, the last one unused
+    centres = odd.detr_decoder.reference_points.weight.detach().sigmoid()[:, :2]
+    torch.testing.assert_close(centres[-1], torch.tensor([0.625, 0.75]), atol=1e-6, rtol=0)

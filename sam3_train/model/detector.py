@@ -27,6 +27,7 @@ Output dict (P pairs, Q queries, h = w = 4 x the ViT token grid):
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from sam3_train.model.presets import preset_config
 from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
-Init = Literal["transformers", "xavier", "meta"]
+Init = Literal["transformers", "xavier", "meta", "meta_grid"]
 _DEFAULT_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding, torch.nn.LayerNorm,
                  torch.nn.GroupNorm)
 
@@ -68,7 +69,8 @@ class Sam3Detector(Sam3Model):
             most of the step's memory at 1008 px (benchmarks/bench_memory.py). Eval always predicts masks.
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
         init: how a model trained from scratch starts: ``meta`` (the default: what Meta's SAM 3 code
-            does, see :meth:`reset_parameters_as_meta`), ``xavier`` (Xavier-uniform linear weights, zero
+            does, see :meth:`reset_parameters_as_meta`), ``meta_grid`` (the same, with the reference
+            boxes' centres on a grid over the image, see :meth:`place_reference_centres_on_grid`), ``xavier`` (Xavier-uniform linear weights, zero
             biases) or ``transformers`` (normal, std 0.02, for every weight). Loading a checkpoint
             overwrites it. At small widths transformers' init leaves the heads ignoring their input
             (a presence logit constant across pairs) and starts every query at the same box.
@@ -88,10 +90,12 @@ class Sam3Detector(Sam3Model):
         super().__init__(config)
         if init == "xavier":
             self.reset_linear_layers()
-        elif init == "meta":
+        elif init in ("meta", "meta_grid"):
             self.reset_parameters_as_meta()
+            if init == "meta_grid":
+                self.place_reference_centres_on_grid()
         elif init != "transformers":
-            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier' or 'meta'.")
+            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier', 'meta' or 'meta_grid'.")
         self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
@@ -138,6 +142,24 @@ class Sam3Detector(Sam3Model):
         torch.nn.init.normal_(decoder.reference_points.weight)
         torch.nn.init.zeros_(decoder.box_head.layer3.weight)
         torch.nn.init.zeros_(decoder.box_head.layer3.bias)
+
+    @torch.no_grad()
+    def place_reference_centres_on_grid(self) -> None:
+        """Move the reference boxes' centres to the cells of a grid over the image, keeping their drawn
+        sizes: ``rows = floor(sqrt(Q))``, ``cols = ceil(Q / rows)``, filled row by row (20 queries: 4 x 5).
+
+        A departure from Meta's init, for training from scratch: Meta's standard-normal draw can put
+        most of a few queries in one part of the image (one tiny-model start had 13 of 20 centres in one
+        quarter), and such a start stalled on the class loss for thousands of steps
+        (docs/training_shapes.md). A fine-tuned model loads its reference boxes, so this never applies.
+        """
+        reference = self.detr_decoder.reference_points.weight  # [Q, 4] cxcywh before the sigmoid
+        queries = reference.shape[0]
+        rows = max(1, math.isqrt(queries))
+        cols = -(-queries // rows)
+        cell = torch.arange(queries, device=reference.device)
+        centres = torch.stack([(cell % cols + 0.5) / cols, (cell // cols + 0.5) / rows], dim=1)
+        reference[:, :2] = torch.logit(centres.to(reference.dtype))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
