@@ -70,10 +70,11 @@ class Sam3Detector(Sam3Model):
         tokenizer: the CLIP tokenizer; built from open_clip's shipped vocabulary when first needed.
         init: how a model trained from scratch starts: ``meta`` (the default: what Meta's SAM 3 code
             does, see :meth:`reset_parameters_as_meta`), ``meta_grid`` (the same, with the reference
-            boxes' centres on a grid over the image, see :meth:`place_reference_centres_on_grid`), ``xavier`` (Xavier-uniform linear weights, zero
-            biases) or ``transformers`` (normal, std 0.02, for every weight). Loading a checkpoint
-            overwrites it. At small widths transformers' init leaves the heads ignoring their input
-            (a presence logit constant across pairs) and starts every query at the same box.
+            boxes' centres on a grid over the image, see :meth:`place_reference_centres_on_grid`),
+            ``xavier`` (Xavier-uniform linear weights, zero biases) or ``transformers`` (normal, std
+            0.02, for every weight). Loading a checkpoint overwrites it. At small widths transformers'
+            init leaves the heads ignoring their input (a presence logit constant across pairs) and
+            starts every query at the same box.
     """
 
     def __init__(
