@@ -19,11 +19,24 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+# The variables a launcher (torchrun, Lightning's DDP, SLURM's srun through Lightning) sets to place a
+# process in a group. A child process that must start its own group (the engine's verifier fits, the
+# tests' CLI runs) gets an environment without them: see :func:`env_without_dist`.
+DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
+
 # Substrings of the errors gloo and NCCL raise when a peer died or stopped answering.
 _PEER_FAILURE_MARKERS = (
     "connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
     "nccl communicator was aborted", "watchdog", "socket", "gloo", "unhandled system error", "connection refused",
 )
+
+
+def env_without_dist(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) without :data:`DIST_VARS`: for a child process that
+    launches its own process group instead of joining this one."""
+    import os
+
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in DIST_VARS}
 
 
 def is_distributed() -> bool:
