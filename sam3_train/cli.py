@@ -1,10 +1,15 @@
-"""``sam3-train``: the LightningCLI front (fit, validate, test, predict).
+"""The LightningCLI of sam3-train (fit, validate, test, predict) and what other CLIs build on it.
+
+``Sam3CLI`` is the one CLI class: the detector's runs, the data engine's round fits and the learned
+verifiers' fits (``sam3-train fit-verifier``) all get its safe checkpoint I/O, preemption handling and
+option suggestions. The ``sam3-train`` command itself is sam3_train/console.py, which routes each
+subcommand to its owner; this module imports nothing above it (no engine, no video).
+
 
     sam3-train fit --config configs/shapes_tiny.yaml
     sam3-train fit --config configs/shapes_tiny.yaml --ckpt_path last      # resume exactly after a kill
     sam3-train validate --config configs/shapes_tiny.yaml --ckpt_path runs/shapes_tiny/checkpoints/last.ckpt
     sam3-train fit --config configs/shapes_tiny.yaml --print_config
-    sam3-train fit-verifier --config configs/verifiers/mv.yaml     # a learned verifier (engine/learned.py)
 
 Configs are OmegaConf YAML (``${...}`` interpolation within a file). Derived values are linked, not
 repeated: the model's input size follows ``data.image_size``.
@@ -158,15 +163,8 @@ class Sam3CLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "predict-video":  # video inference has its own parser (sam3_train/video/predict.py)
-        from sam3_train.video.predict import main as predict_video
-
-        raise SystemExit(predict_video(argv[1:]))
-    if argv and argv[0] == "fit-verifier":  # the data engine's learned verifiers (sam3_train/engine/learned.py)
-        from sam3_train.engine.learned import fit_verifier
-
-        raise SystemExit(fit_verifier(argv[1:]))
+    """fit / validate / test / predict of ``Sam3LitModule`` on ``Sam3DataModule`` (``sam3-train`` routes
+    its other subcommands elsewhere: sam3_train/console.py)."""
     Sam3CLI(
         Sam3LitModule,
         Sam3DataModule,

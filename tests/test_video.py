@@ -400,10 +400,10 @@ def test_masks_stay_with_their_ids_on_a_removal_frame(model, monkeypatch, fixed)
 
 # ---------------------------------------------------------------------------------------- outputs
 def test_cli_end_to_end(checkpoints, clip, tmp_path):
-    """The real command (python -m sam3_train.cli predict-video) on a generated clip, with --gt."""
+    """The real command (python -m sam3_train.console predict-video) on a generated clip, with --gt."""
     frames, gt = clip
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sam3_train.cli", "predict-video", "--video", str(frames),
+    cmd = [sys.executable, "-m", "sam3_train.console", "predict-video", "--video", str(frames),
            "--phrases", "red star", "circle", "--video_checkpoint", str(checkpoints["video"]),
            "--detector", str(checkpoints["detector"]), "--output", str(out), "--gt", str(gt),
            "--score_threshold_detection", "0", "--new_det_thresh", "0", "--max_num_objects", "2",
@@ -433,7 +433,7 @@ def test_cli_end_to_end(checkpoints, clip, tmp_path):
 
 
 def test_cli_error_exits_with_a_message(checkpoints, tmp_path, capsys):
-    from sam3_train.cli import main
+    from sam3_train.console import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["predict-video", "--video", str(tmp_path / "nowhere"), "--phrases", "star",
