@@ -3,7 +3,7 @@ the part that owns it, so that nothing below imports upwards (tests/test_layout.
 
     sam3-train fit|validate|test|predict --config configs/shapes_tiny.yaml   # sam3_train/cli.py
     sam3-train fit-verifier --config configs/verifiers/mv.yaml               # sam3_train/engine/learned/
-    sam3-train predict-video --video clip.mp4 --phrase "red star" ...        # sam3_train/video/predict.py
+    sam3-train predict-video --video frames/ --phrases "red star" ...        # sam3_train/video/predict.py
 
 ``python -m sam3_train.console`` is the same command.
 """
