@@ -67,7 +67,10 @@ class _ConfigReader(VerifierCLI):
 
 def read_verifier_config(configs: list[str | os.PathLike]) -> dict[str, Any]:
     """The ``fit-verifier`` config files ``configs``, read in order by fit-verifier's own parser (the same
-    merge, schema and errors), as one complete config dict. A missing file or a bad key raises, naming it."""
+    merge, schema and errors), as one complete config dict. A missing file or a bad key raises, naming it.
+
+    Compromise: LightningCLI applies ``seed_everything`` as it parses, so this seeds the global RNGs as
+    the fit that follows it does (the stage always runs one after reading)."""
     for path in configs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"verifier config {path} does not exist (engine.verifier_training)")
