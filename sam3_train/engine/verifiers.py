@@ -38,21 +38,6 @@ from sam3_train.engine.candidates import Candidate
 from sam3_train.metrics.iou import rowwise_mask_iou
 
 
-def image_tensor(image: Any) -> torch.Tensor:
-    """Encoded bytes, a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor -> [3, H, W] uint8:
-    the image the chain hands to verifiers that look at pixels (``uses_context``)."""
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensor must be uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
-        return image
-    if isinstance(image, (bytes, bytearray)):
-        image = decode_image(bytes(image))
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8))).permute(2, 0, 1).contiguous()
-
-
 @dataclass(frozen=True)
 class Verdict:
     """A verifier's opinion of one pair.
@@ -174,6 +159,21 @@ class Verified:
     @property
     def needs_review(self) -> bool:
         return bool(self.flags)
+
+
+def image_tensor(image: Any) -> torch.Tensor:
+    """Encoded bytes, a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor -> [3, H, W] uint8:
+    the image the chain hands to verifiers that look at pixels (``uses_context``)."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        return image
+    if isinstance(image, (bytes, bytearray)):
+        image = decode_image(bytes(image))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8))).permute(2, 0, 1).contiguous()
 
 
 class VerifierChain:

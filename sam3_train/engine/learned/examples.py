@@ -12,11 +12,10 @@ was reviewed).
 
 Mask verification (one row per instance, label 1 = accept):
   - proposals: in score order, a proposal that overlaps a ground-truth instance of its phrase not yet
-    claimed by a higher-scored one at mask IoU >= ``accept_iou`` is accepted (and claims it:
-    matching.greedy_match, the audit's matcher); the rest
-    are rejected, at most ``max_rejects_per_pair`` per pair (the highest-scored: the hard ones). A
-    query that is not exhaustive gives no rejections (an unmatched proposal may be an unlabelled
-    instance).
+    claimed by a higher-scored one at mask IoU >= ``accept_iou`` is accepted and claims it (matching.py,
+    the audit's matcher); the rest are rejected, at most ``max_rejects_per_pair`` per pair (the
+    highest-scored: the hard ones). A query that is not exhaustive gives no rejections (an unmatched
+    proposal may be an unlabelled instance).
   - ground truth (``perturb``): every instance is accepted as it is; shifted (by 60% of its extent)
     and eroded (by a quarter of its shorter side) copies are rejected when their IoU with every true
     instance stays below ``accept_iou``, merged ones (with the nearest other instance) always.
