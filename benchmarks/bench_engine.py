@@ -265,8 +265,7 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
     proposed; the learned chain once its verifiers are trained), and what its own chain wrote and how
     good that is (once written), against the pool's withheld labels."""
     from sam3_train.engine.audit import round_verifier_quality
-    from sam3_train.engine.manifest import PROPOSED, WRITTEN
-    from sam3_train.engine.rounds import VERIFIED
+    from sam3_train.engine.manifest import PROPOSED, VERIFIED, WRITTEN
 
     split = json.loads((engine_dir / "split" / "split.json").read_text())
     labelled = [u if Path(u).is_absolute() else str(REPO / u) for u in split["params"]["urls"]]
@@ -318,8 +317,7 @@ def share_proposer_round(src: Path, dst: Path) -> bool:
     ``src`` has not written its pseudo-labels yet."""
     import shutil
 
-    from sam3_train.engine.manifest import PROPOSED, WRITTEN
-    from sam3_train.engine.rounds import VERIFIED
+    from sam3_train.engine.manifest import PROPOSED, VERIFIED, WRITTEN
 
     source, target = src / "round-001", dst / "round-001"
     if (target / WRITTEN).is_file():

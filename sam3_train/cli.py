@@ -119,12 +119,12 @@ class Sam3CLI(LightningCLI):
         parser.subcommand_parsers = []
         if not hasattr(self, "_root_parser"):  # LightningCLI builds the root parser first, then one per subcommand
             self._root_parser = parser
+        else:
+            self._root_parser.subcommand_parsers.append(parser)
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
-        if parser is not self._root_parser:
-            self._root_parser.subcommand_parsers.append(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)

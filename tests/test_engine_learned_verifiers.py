@@ -1,14 +1,16 @@
-"""Learned verifiers (sam3_train/engine/learned.py, verifier_examples.py, verifier_stage.py, audit.py):
-training learns a separable case through the real ``fit-verifier`` CLI and configs, the Verifier
+"""Learned verifiers (sam3_train/engine/learned/, audit.py): training learns a separable case through
+the real ``fit-verifier`` CLI and configs (on Sam3CLI: safe checkpoint I/O, preemption), the Verifier
 contract inside a VerifierChain, examples with hand-counted labels, the engine stage resumed after
 an interruption, one clear error for a bad checkpoint, and the audit of a chain on hand-made proposals."""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,21 +21,26 @@ from sam3_train.data import rle as rle_ops
 from sam3_train.engine import Candidate, ExhaustivityVerifier, ScoreVerifier, VerifierChain
 from sam3_train.engine.audit import verifier_quality
 from sam3_train.engine.candidates import candidate_record
+from sam3_train.atomic import write_json_atomic
 from sam3_train.engine.learned import (
+    Examples,
     LearnedExhaustivityVerifier,
     LearnedMaskVerifier,
+    bind_round_verifiers,
     fit_verifier,
     load_examples,
+    make_examples,
 )
-from sam3_train.engine.manifest import PROPOSALS, PROPOSED, write_json_atomic
+from sam3_train.engine.learned.features import mask_pixels, mask_stats, phrase_tokens
+from sam3_train.engine.manifest import EXAMPLES_FILES, PROPOSALS, PROPOSED
 from sam3_train.engine.proposal_files import ProposalFileWriter
-from sam3_train.engine.verifier_examples import EV_FILE, MV_FILE, _Rows, make_examples
-from sam3_train.engine.verifier_features import mask_pixels, mask_stats, phrase_tokens
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "verifiers" / "base.yaml"  # read first, then one of the two overlays
 MV_CONFIG, EV_CONFIG = REPO / "configs" / "verifiers" / "mv.yaml", REPO / "configs" / "verifiers" / "ev.yaml"
+MV_FILE, EV_FILE = EXAMPLES_FILES["mask"], EXAMPLES_FILES["exhaustivity"]
 H = W = 32
 
 
@@ -50,9 +57,9 @@ def red_square_scene(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, 
     return image, mask, shifted
 
 
-def separable_rows(n: int, seed: int) -> _Rows:
+def separable_rows(n: int, seed: int) -> Examples:
     """n scenes, each an accepted true mask and a rejected shifted one (no detector statistics)."""
-    gen, rows = torch.Generator().manual_seed(seed), _Rows("mask")
+    gen, rows = torch.Generator().manual_seed(seed), Examples("mask")
     for i in range(n):
         image, mask, shifted = red_square_scene(gen)
         masks = torch.stack([mask, shifted])
@@ -137,13 +144,13 @@ def labelled_scenes(out_dir: Path, n: int, seed: int) -> list[str]:
 
 
 def fit(config: Path, examples: Path, save_to: Path, steps: int) -> None:
-    fit_verifier(["--config", str(config), f"--data.examples={examples}", f"--save_to={save_to}",
-                  f"--trainer.max_steps={steps}", "--trainer.enable_model_summary=false"])
+    fit_verifier(["--config", str(BASE_CONFIG), "--config", str(config), f"--data.examples={examples}",
+                  f"--save_to={save_to}", f"--trainer.max_steps={steps}", "--trainer.enable_model_summary=false"])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An MV trained (through the CLI and configs/verifiers/mv.yaml) on the separable case, an EV on
+    """An MV trained (through the CLI and configs/verifiers/base.yaml + mv.yaml) on the separable case, an EV on
     examples made from labelled red-square scenes; run in their own folder (the configs' log paths)."""
     root = tmp_path_factory.mktemp("learned")
     before = Path.cwd()
@@ -174,6 +181,44 @@ def test_training_learns_accept_versus_shifted_masks(trained):
     assert (trained.root / "runs" / "verifier_mv" / "csv").is_dir()  # the config's own logger wrote
 
 
+class TrainerProbe(L.Callback):
+    """Writes what the fit's trainer was built with (its checkpoint I/O, its callbacks) to ``out``."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        Path(self.out).write_text(json.dumps({"checkpoint_io": type(trainer.strategy.checkpoint_io).__name__,
+                                              "callbacks": [type(c).__name__ for c in trainer.callbacks]}))
+
+
+def test_fit_verifier_is_built_on_the_cli_class_of_fit(trained, tmp_path, monkeypatch, capsys):
+    """``sam3-train fit-verifier`` (the console's route) gets what ``sam3-train fit`` gets: atomic,
+    safely loaded checkpoints, preemption handling, a checked --ckpt_path, suggested options."""
+    from sam3_train.checkpointing import load_checkpoint_file
+    from sam3_train.console import main as sam3_train
+
+    monkeypatch.chdir(tmp_path)
+    probe = {"class_path": f"{__name__}.TrainerProbe", "init_args": {"out": str(tmp_path / "trainer.json")}}
+    base = ["fit-verifier", "--config", str(BASE_CONFIG), "--config", str(MV_CONFIG),
+            f"--data.examples={trained.root / 'mv-train.pt'}", "--trainer.max_steps=2",
+            "--trainer.enable_model_summary=false"]
+    with pytest.raises(SystemExit) as done:
+        sam3_train([*base, f"--save_to={tmp_path / 'mv.ckpt'}", f"--trainer.callbacks=[{json.dumps(probe)}]"])
+    assert done.value.code == 0
+    built = json.loads((tmp_path / "trainer.json").read_text())
+    assert built["checkpoint_io"] == "SafeCheckpointIO" and "Preemption" in built["callbacks"]
+    saved = load_checkpoint_file(tmp_path / "mv.ckpt")
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["kind"] == "mask"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mv.ckpt", "trainer.json"]  # no partial left
+
+    with pytest.raises(SystemExit, match=r"--ckpt_path: .*missing\.ckpt"):
+        sam3_train([*base, f"--ckpt_path={tmp_path / 'missing.ckpt'}"])
+    with pytest.raises(SystemExit):
+        sam3_train([*base, "--data.exampels=x.pt"])
+    assert "Did you mean 'data.examples'?" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- the Verifier contract
 def test_learned_verifiers_in_a_chain_are_verifiers(trained):
     gen = torch.Generator().manual_seed(5)
@@ -194,7 +239,7 @@ def test_learned_verifiers_in_a_chain_are_verifiers(trained):
     assert verified.kept == {"score": 2, "learned_mask": 1, "learned_exhaustivity": 1}
     assert verified.exhaustive is False  # a mask check dropped an instance the score check kept
     assert chain.thresholds()["learned_mask"] == {"checkpoint": str(trained.mv), "min_prob": 0.5}
-    chain.images = {c.key: image}  # what the write stage sets (verifier_features.ShardImages)
+    chain.images = {c.key: image}  # what the write stage sets (learned.ShardImages)
     assert chain(c).keep.tolist() == [True, False]
     with pytest.raises(ValueError, match="needs the image of 00000001_img"):
         VerifierChain(verifiers=[mv])(c)
@@ -267,7 +312,7 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
 
 # ---------------------------------------------------------------------------------------- the engine stage
 class FakeEngine:
-    """What verifier_stage.run_stage uses of rounds.Engine; its propose writes the hand-made proposals."""
+    """What learned.stage.run_stage uses of rounds.Engine; its propose writes the hand-made proposals."""
 
     def __init__(self, work: Path, labelled: list[str], proposals: Path, settings):
         self.work, self.labelled, self.source, self.settings, self.proposed = work, labelled, proposals, settings, 0
@@ -288,16 +333,17 @@ def stage_settings(tmp_path: Path):
     from sam3_train.engine.settings import DataEngine, VerifierTraining
 
     small = {}
-    for name, config in (("mv", MV_CONFIG), ("ev", EV_CONFIG)):  # the repo configs, shorter, logging under tmp
+    for name, config in (("mv", MV_CONFIG), ("ev", EV_CONFIG)):  # the repo overlays, shorter, logging under tmp
         text = config.read_text().replace("max_steps: 600", "max_steps: 8").replace("max_steps: 400", "max_steps: 8")
         small[name] = tmp_path / f"{name}.yaml"
         small[name].write_text(text)
-    training = VerifierTraining(mask_config=str(small["mv"]), exhaustivity_config=str(small["ev"]))
+    training = VerifierTraining(base_config=str(BASE_CONFIG), mask_config=str(small["mv"]),
+                                exhaustivity_config=str(small["ev"]))
     return DataEngine(verifier_training=training, verifiers=[ScoreVerifier(min_score=0.5), LearnedMaskVerifier()])
 
 
 def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, monkeypatch):
-    from sam3_train.engine import verifier_stage
+    from sam3_train.engine.learned import stage
 
     labelled, proposals = hand_made(tmp_path)
     checkpoint = tmp_path / "previous.ckpt"
@@ -313,17 +359,17 @@ def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, 
             def crash(*args, **kwargs):
                 raise RuntimeError("killed")
 
-            monkeypatch.setattr(verifier_stage, "run_fit_verifier", crash)
+            monkeypatch.setattr(stage, "run_fit_verifier", crash)
             with pytest.raises(RuntimeError, match="killed"):
-                verifier_stage.run_stage(engine, round_dir, checkpoint, 1)
+                stage.run_stage(engine, round_dir, checkpoint, 1)
             folder = round_dir / "verifiers"
             assert (folder / MV_FILE).is_file() and not (round_dir / "verifiers.json").exists()
             made = {p: p.stat().st_mtime_ns for p in (folder / MV_FILE, folder / EV_FILE)}
             monkeypatch.undo()
             monkeypatch.chdir(work)
             calls = []
-            monkeypatch.setattr(verifier_stage, "make_examples", lambda **kw: calls.append(kw))
-        verifier_stage.run_stage(engine, round_dir, checkpoint, 1)
+            monkeypatch.setattr(stage, "make_examples", lambda **kw: calls.append(kw))
+        stage.run_stage(engine, round_dir, checkpoint, 1)
         marker = __import__("json").loads((round_dir / "verifiers.json").read_text())
         runs[name] = (round_dir, marker)
         if interrupt:
@@ -336,10 +382,10 @@ def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, 
     assert set(a["held_out"]) == {"mask", "exhaustivity"} and a["held_out"]["mask"]["rows"] > 0
     # The write stage's chain: the learned verifier without a checkpoint gets the round's own.
     chain = stage_settings(tmp_path).chain()
-    verifier_stage.bind_round_verifiers(chain, b_dir)
+    bind_round_verifiers(chain, b_dir)
     assert chain.verifiers[1]._module is not None and chain.thresholds()["learned_mask"]["checkpoint"] is None
     with pytest.raises(FileNotFoundError, match="mask.ckpt does not exist"):
-        verifier_stage.bind_round_verifiers(stage_settings(tmp_path).chain(), tmp_path / "elsewhere")
+        bind_round_verifiers(stage_settings(tmp_path).chain(), tmp_path / "elsewhere")
 
 
 def test_learned_verifiers_without_checkpoint_need_verifier_training():
@@ -360,6 +406,7 @@ def test_the_learned_overlay_replaces_the_heuristic_chain_and_trains_the_verifie
     _, settings = load_config(files)
     assert settings.chain().names == ["score", "learned_mask", "learned_exhaustivity"]
     assert settings.chain().needs_image
+    assert (REPO / settings.verifier_training.base_config) == BASE_CONFIG
     assert (REPO / settings.verifier_training.mask_config) == MV_CONFIG
     assert (REPO / settings.verifier_training.exhaustivity_config) == EV_CONFIG
     _, heuristic = load_config(files[:2])
@@ -383,7 +430,8 @@ def test_engine_round_with_learned_verifiers_killed_in_the_stage_then_rerun(tmp_
         {"class_path": "sam3_train.engine.verifiers.ScoreVerifier", "init_args": {"min_score": 0.25}},
         {"class_path": "sam3_train.engine.learned.LearnedMaskVerifier", "init_args": {"min_prob": 0.5}},
         {"class_path": "sam3_train.engine.learned.LearnedExhaustivityVerifier", "init_args": {"min_prob": 0.5}}])
-    short = {"mask_config": str(tmp_path / "mv.yaml"), "exhaustivity_config": str(tmp_path / "ev.yaml")}
+    short = {"base_config": str(BASE_CONFIG), "mask_config": str(tmp_path / "mv.yaml"),
+             "exhaustivity_config": str(tmp_path / "ev.yaml")}
     for name, source in (("mv.yaml", MV_CONFIG), ("ev.yaml", EV_CONFIG)):
         (tmp_path / name).write_text(source.read_text().replace("max_steps: 600", "max_steps: 5")
                                      .replace("max_steps: 400", "max_steps: 5"))

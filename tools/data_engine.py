@@ -29,8 +29,16 @@ except ImportError:  # a checkout without installing; appended, not first: datas
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from sam3_train.dist import launch  # noqa: E402
-from sam3_train.engine.manifest import MANIFEST, METRICS, MODEL, PROPOSED, WRITTEN, round_dir_name  # noqa: E402
-from sam3_train.engine.rounds import STAGES, VERIFIED, Engine  # noqa: E402
+from sam3_train.engine.manifest import (  # noqa: E402
+    MANIFEST,
+    METRICS,
+    MODEL,
+    PROPOSED,
+    VERIFIED,
+    WRITTEN,
+    round_dir_name,
+)
+from sam3_train.engine.rounds import STAGES, Engine  # noqa: E402
 from sam3_train.engine.settings import load_config  # noqa: E402
 
 

@@ -11,22 +11,23 @@ One module per concept, in the order a round uses them:
                       and its JSON record
     proposal_files.py a rank's proposals file (gzip'd JSON lines, one member per image) and its index
     verifiers.py      the verifier chain, its verdicts, hard-negative mining
-    learned.py        the learned verifiers: MV and EV nets, their LightningModule and data, fit-verifier,
-                      LearnedMaskVerifier / LearnedExhaustivityVerifier for the chain
-    verifier_features.py  what those nets see (pixel crops, statistics, hashed phrase words); ShardImages
-    verifier_examples.py  their training examples: proposals on labelled images matched to the labels,
-                      perturbed ground truth, reviewed pairs
-    verifier_stage.py the round's verifiers stage (between propose and write, with engine.verifier_training)
+    matching.py       the greedy mask matcher (proposals claim true instances in score order)
+    learned/          the learned verifiers (a package, its __init__ maps it): MV and EV nets, their
+                      LightningModule, data and examples, ``sam3-train fit-verifier``, the round's
+                      verifiers stage, LearnedMaskVerifier / LearnedExhaustivityVerifier for the chain
     pseudo_labels.py  verified candidates -> pseudo-labelled samples -> a rank's shards
     review.py         human review: COCO export of flagged pairs, import of the corrections
     training.py       a round's fit and held-out evaluation through Sam3CLI
-    manifest.py       the round directory: file names, stage markers, kill points, the manifest
+    manifest.py       the round directory: every file and folder name, stage markers, kill points, the manifest
     rounds.py         Engine: the round loop, stages, resumption
     audit.py          pseudo-label quality and the verifiers' own precision / recall against withheld labels
 
 Mask IoU lives in ``sam3_train.metrics.iou``, rank and world size and the collectives in
-``sam3_train.dist``. Exported here, the parts that need no Lightning: candidates, verifiers, shard
-writing, the manifest, review and the sample reader. Front: ``tools/data_engine.py``.
+``sam3_train.dist``, atomic file writes in ``sam3_train.atomic``. No core module (candidates,
+proposal_files, verifiers, matching, manifest, sources, pseudo_labels) imports ``learned/``; rounds.py,
+review.py and audit.py use it where a chain holds learned verifiers. Exported here, the parts that
+need no Lightning: candidates, verifiers, shard writing, the manifest, review and the sample reader.
+Front: ``tools/data_engine.py``.
 """
 
 from sam3_train.engine.candidates import Candidate, candidate_from_logits

@@ -9,7 +9,7 @@ a labelled sample of their pool), the written shards can be scored against the w
     quality["negatives"]   # instance-free exhaustive pairs whose phrase is truly absent
 
 Instances are matched per (image, phrase) pair, greedily in the order written (the writer keeps
-them by descending score), each to the unmatched true instance of highest IoU.
+them by descending score), each to the unmatched true instance of highest IoU (matching.py).
 
 The verifiers themselves are scored on the proposals, before anything is written, for any chain
 (the heuristic one, a learned one: the same proposals, so the two compare directly)::
@@ -24,37 +24,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from sam3_train.engine.candidates import masks_of
+from sam3_train.engine.candidates import masks_of, record_candidates
+from sam3_train.engine.learned.chain import bind_round_verifiers
+from sam3_train.engine.manifest import proposal_dirs
+from sam3_train.engine.matching import MATCH_IOU, greedy_match, matched_instances
+from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.sources import read_samples
-from sam3_train.metrics.iou import mask_iou
-
-if TYPE_CHECKING:
-    from sam3_train.engine.verifiers import VerifierChain
-
-MATCH_IOU = 0.5
+from sam3_train.engine.verifiers import VerifierChain, verify_image
 
 
 def _masks(instances: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
     return masks_of([i["rle"] for i in instances], height, width)
-
-
-def matched_instances(predicted: torch.Tensor, true: torch.Tensor, min_iou: float = MATCH_IOU) -> int:
-    """How many of ``predicted`` [n, H, W] bool masks match a distinct one of ``true`` [m, H, W] at IoU >= min_iou."""
-    if len(predicted) == 0 or len(true) == 0:
-        return 0
-    free = torch.ones(len(true), dtype=torch.bool)
-    hits = 0
-    for row in mask_iou(predicted, true):
-        candidates = torch.where(free & (row >= min_iou), row, -1.0)
-        j = int(candidates.argmax())
-        if candidates[j] >= 0:
-            free[j] = False
-            hits += 1
-    return hits
 
 
 def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min_iou: float = MATCH_IOU) -> dict[str, Any]:
@@ -100,7 +84,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
 
     Truth per (image, phrase) pair whose labelled query is exhaustive (other pairs are skipped):
       - mask verification: a proposal is correct when it claims, in score order, an unclaimed true
-        instance at mask IoU >= ``min_iou`` (verifier_examples.match_proposals). ``mask``: over every
+        instance at mask IoU >= ``min_iou`` (matching.greedy_match). ``mask``: over every
         proposal, the chain's kept ones scored as predictions of "correct" (precision, recall);
         ``reachable`` is the recall of a perfect verifier (true instances some proposal matches).
       - exhaustivity verification: the pair's kept set is complete when it matches every true
@@ -111,11 +95,6 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
     ``max_images``: score only the first that many proposed images (in ``labelled`` order): a
     learned chain costs about as much as the write stage per image.
     """
-    from sam3_train.engine.candidates import record_candidates
-    from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
-    from sam3_train.engine.verifier_examples import match_proposals
-    from sam3_train.engine.verifiers import verify_image
-
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
     m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
     e = {"pairs": 0, "right": 0, "said": 0, "said_right": 0, "complete": 0}
@@ -133,7 +112,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
         for verified in verify_image(pairs, chain, image=data):
             c, true = verified.candidate, truth[verified.candidate.phrase]
             pairs_seen += 1
-            correct = torch.tensor([j is not None for j in match_proposals(c.masks, true, min_iou)], dtype=torch.bool)
+            correct = torch.tensor([j is not None for j in greedy_match(c.masks, true, min_iou)], dtype=torch.bool)
             keep = verified.keep.bool()
             m["proposals"] += c.num_instances
             m["kept"] += int(keep.sum())
@@ -160,10 +139,8 @@ def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str]
                            *, min_iou: float = MATCH_IOU, max_images: int | None = None) -> dict[str, Any]:
     """:func:`verifier_quality` of ``chain`` on a round's pool proposals (its learned verifiers without a
     checkpoint bound to the ones the round trained)."""
-    from sam3_train.engine.verifier_stage import bind_round_verifiers
-
     round_dir = Path(round_dir)
     if chain.needs_image:
         bind_round_verifiers(chain, round_dir)
-    folders = sorted(p for p in round_dir.glob("proposals-rank*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return verifier_quality(proposals=folders, labelled=labelled, chain=chain, min_iou=min_iou, max_images=max_images)
+    return verifier_quality(proposals=proposal_dirs(round_dir), labelled=labelled, chain=chain, min_iou=min_iou,
+                            max_images=max_images)

@@ -1,16 +1,29 @@
-"""The round directory: its file names, the stage markers, and the manifest that finishes a round.
+"""The round directory: every file and folder name in it, the stage markers, and the manifest that
+finishes a round. Every other module takes these names from here.
 
 ::
 
+    {work_dir}/split/labelled/, pool/, split.json    SPLIT_DIR, SPLIT_MARKER (labelled_fraction: sources.py)
     {work_dir}/round-001/                        round_dir_name(1)
       proposals-rank000/proposals.jsonl.gz, summary.json  proposals_dir_name(r), PROPOSALS, SUMMARY
       proposals.json                             PROPOSED: the propose stage's marker
+      verifiers/                                 VERIFIERS_DIR: the verifiers stage (engine.verifier_training)
+        inputs.json, proposals-rank000/, proposals.json    VERIFIER_INPUTS, the labelled set's proposals
+        mv-examples.pt, ev-examples.pt, examples.json      EXAMPLES_FILES[kind], EXAMPLE_COUNTS
+        mask-config.yaml, mask/, mask.ckpt       verifier_config_name, its logs, verifier_checkpoint
+        exhaustivity-config.yaml, exhaustivity/, exhaustivity.ckpt
+      verifiers.json                             VERIFIED: the verifiers stage's marker
       shards-rank000/pseudo-000000.tar ...       shards_dir_name(r)
+      review-<sha>/shards-rank000/ ...           review_dir_name(sha): a review import's shards
       shards.json                                WRITTEN: the write stage's marker
-      fit-config.yaml, fit/, fit-info.json       FIT_CONFIG, FIT_INFO
+      fit-config.yaml, fit/, fit-info.json       FIT_CONFIG, FIT_DIR, FIT_INFO
       model.ckpt                                 MODEL: the fit stage's marker
       metrics.json                               METRICS: the evaluate stage's marker
       manifest.json                              MANIFEST: written last, the round is finished
+
+A folder is built under its name + TMP_SUFFIX and renamed when complete; a file is written through
+``sam3_train.atomic`` (a ``.partial`` file renamed over it). What a kill leaves of either is removed
+before the stage runs again (:func:`clean_unfinished`, rounds.py).
 
 ``manifest.json`` (keys sorted, no timestamps: the same inputs give the same bytes)::
 
@@ -41,10 +54,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from sam3_train.atomic import PARTIAL_SUFFIX, write_json_atomic
 from sam3_train.dist import is_rank_zero
 
 FORMAT = 1
-TMP_SUFFIX = ".tmp"  # what is being written; renamed into place when complete
+TMP_SUFFIX = ".tmp"  # a folder being written; renamed into place when complete (files: PARTIAL_SUFFIX)
 SUMMARY = "summary.json"  # per-rank summary inside each proposals-rankNNN and shards-rankNNN folder
 PROPOSALS = "proposals.jsonl.gz"  # one gzip member per image, inside proposals-rankNNN (proposal_files.py)
 LEGACY_PROPOSALS = "proposals.jsonl"  # the earlier plain JSON lines, still read
@@ -56,6 +70,18 @@ METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 FIT_CONFIG = "fit-config.yaml"
 FIT_INFO = "fit-info.json"
+FIT_DIR = "fit"  # the round's fit: its logs and checkpoints (settings.round_fit_config)
+# Folders of one rank (names end in the rank, NNN) and of one review import; folder name prefixes.
+PROPOSALS_PREFIX, SHARDS_PREFIX, REVIEW_PREFIX = "proposals-rank", "shards-rank", "review-"
+# The verifiers stage (learned/stage.py): its folder, marker and files.
+VERIFIERS_DIR = "verifiers"
+VERIFIED = "verifiers.json"
+VERIFIER_INPUTS = "inputs.json"  # what the stage's files were made from
+EXAMPLES_FILES = {"mask": "mv-examples.pt", "exhaustivity": "ev-examples.pt"}  # learned/examples.py
+EXAMPLE_COUNTS = "examples.json"
+# The labelled / pool split of labelled_fraction, under the work dir.
+SPLIT_DIR = "split"
+SPLIT_MARKER = "split.json"
 KILL_ENV = "SAM3_ENGINE_KILL_AT"  # fault injection for the resumability tests: "<point>" or "<point>:<n>"
 _hits: dict[str, int] = {}
 
@@ -66,12 +92,33 @@ def round_dir_name(index: int) -> str:
 
 def proposals_dir_name(rank: int) -> str:
     """The folder of the proposals of one rank of the propose step."""
-    return f"proposals-rank{rank:03d}"
+    return f"{PROPOSALS_PREFIX}{rank:03d}"
 
 
 def shards_dir_name(rank: int) -> str:
     """The folder of the shards written from one rank's proposals."""
-    return f"shards-rank{rank:03d}"
+    return f"{SHARDS_PREFIX}{rank:03d}"
+
+
+def review_dir_name(digest: str) -> str:
+    """The folder of the shards a review import rewrote (``digest``: the review file's sha256)."""
+    return f"{REVIEW_PREFIX}{digest[:12]}"
+
+
+def proposal_dirs(round_dir: str | os.PathLike) -> list[Path]:
+    """The finished ``proposals-rankNNN`` folders of a round (or of its verifiers folder), by rank."""
+    return sorted(p for p in Path(round_dir).glob(f"{PROPOSALS_PREFIX}*")
+                  if p.is_dir() and not p.name.endswith(TMP_SUFFIX))
+
+
+def verifier_checkpoint(round_dir: str | os.PathLike, kind: str) -> Path:
+    """The learned verifier of ``kind`` (``mask`` / ``exhaustivity``) a round's verifiers stage trained."""
+    return Path(round_dir) / VERIFIERS_DIR / f"{kind}.ckpt"
+
+
+def verifier_config_name(kind: str) -> str:
+    """The ``fit-verifier`` config the verifiers stage wrote for ``kind`` (inside VERIFIERS_DIR)."""
+    return f"{kind}-config.yaml"
 
 
 def empty_counts() -> dict[str, Any]:
@@ -105,19 +152,6 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON (sorted keys) to ``path.tmp``, fsync, then os.replace onto ``path``:
-    readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def merge_summaries(round_dir: str | os.PathLike, world_size: int) -> dict[str, Any]:
@@ -211,8 +245,8 @@ def round_finished(round_dir: str | os.PathLike, *, check_hashes: bool = False) 
 
 
 def clean_unfinished(round_dir: str | os.PathLike) -> list[str]:
-    """Remove what an unfinished round left (``*.tmp`` files and folders, rank folders, a stale
-    manifest) so it can be written again from scratch; a finished round is left alone.
+    """Remove what an unfinished round left (``*.tmp`` folders, ``*.partial`` files, rank folders, a
+    stale manifest) so it can be written again from scratch; a finished round is left alone.
 
     Returns the names removed. Rank folders go too: a re-run may use another world size, and a
     rank folder that outlived its manifest no longer belongs to any round.
@@ -222,7 +256,8 @@ def clean_unfinished(round_dir: str | os.PathLike) -> list[str]:
         return []
     removed = []
     for path in sorted(round_dir.iterdir()):
-        if path.name.endswith(TMP_SUFFIX) or path.name.startswith("shards-rank") or path.name == MANIFEST:
+        if (path.name.endswith((TMP_SUFFIX, PARTIAL_SUFFIX)) or path.name.startswith(SHARDS_PREFIX)
+                or path.name == MANIFEST):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed

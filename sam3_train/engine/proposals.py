@@ -44,6 +44,7 @@ from sam3_train.data.pipeline import ShardStream, SkipCounter, split_by_rank
 from sam3_train.data.shards import expand_urls
 from sam3_train.data.tokenizer import Sam3Tokenizer
 from sam3_train.data.transforms import eval_transforms
+from sam3_train.atomic import write_json_atomic
 from sam3_train.dist import rank_and_world
 from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_from_logits, candidate_record
 from sam3_train.engine.manifest import (
@@ -53,7 +54,6 @@ from sam3_train.engine.manifest import (
     fault_point,
     file_sha256,
     proposals_dir_name,
-    write_json_atomic,
 )
 from sam3_train.engine.proposal_files import ProposalFileWriter
 from sam3_train.model.postprocess import detection_scores, postprocess

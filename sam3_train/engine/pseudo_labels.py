@@ -8,7 +8,7 @@ the proposals, the pool and the settings, never on how many processes write it o
 earlier attempt died::
 
     round_dir/shards-rank000.tmp/     while it is written: pseudo-000000.tar ..., summary.json
-    round_dir/shards-rank000/         the same folder after one atomic rename (os.replace)
+    round_dir/shards-rank000/         the same folder after one atomic rename (atomic.replace_dir)
     round_dir/manifest.json           see manifest.py
 
 A writer that dies leaves only ``*.tmp`` (never a visible, half-written shard); the next run removes
@@ -34,6 +34,7 @@ from typing import Any, Self
 import numpy as np
 from tqdm import tqdm
 
+from sam3_train.atomic import replace_dir, write_json_atomic
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.schema import query, validate_meta
 from sam3_train.data.shards import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSink
@@ -47,7 +48,6 @@ from sam3_train.engine.manifest import (
     file_sha256,
     proposals_dir_name,
     shards_dir_name,
-    write_json_atomic,
 )
 from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.sources import read_samples
@@ -183,7 +183,7 @@ class RoundWriter:
         write_json_atomic(self.tmp_dir / SUMMARY, summary)
         if self.final_dir.exists():  # a complete folder from an earlier, unfinished run: replaced whole
             shutil.rmtree(self.final_dir)
-        os.replace(self.tmp_dir, self.final_dir)
+        replace_dir(self.tmp_dir, self.final_dir)
         self.summary = summary
         return summary
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from sam3_train.atomic import replace_dir, write_json_atomic
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.decode import decode_image
 from sam3_train.data.schema import query, validate_meta
@@ -58,8 +59,8 @@ from sam3_train.engine.manifest import (
     WRITTEN,
     file_sha256,
     proposals_dir_name,
+    review_dir_name,
     shards_dir_name,
-    write_json_atomic,
 )
 from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.pseudo_labels import instance_entry
@@ -223,7 +224,7 @@ def export_round(*, round_dir: str | os.PathLike, settings: DataEngine, out_dir:
                          f"{written['inputs']}; export with the config that wrote it")
     chain = settings.chain()
     if chain.needs_image:  # learned verifiers without a checkpoint: the ones the round trained
-        from sam3_train.engine.verifier_stage import bind_round_verifiers
+        from sam3_train.engine.learned.chain import bind_round_verifiers
 
         bind_round_verifiers(chain, round_dir)
 
@@ -255,7 +256,7 @@ def import_round(*, round_dir: str | os.PathLike, review: str | os.PathLike,
     result: dict[str, Any] = {"changed": [list(c) for c in changed], "shards": None}
     if changed:
         digest = file_sha256(review)
-        name = f"review-{digest[:12]}"
+        name = review_dir_name(digest)
         out, tmp = round_dir / name, round_dir / (name + TMP_SUFFIX)
         for stale in (out, tmp):  # not referenced by shards.json (that import would have changed nothing)
             if stale.exists():
@@ -272,7 +273,7 @@ def import_round(*, round_dir: str | os.PathLike, review: str | os.PathLike,
                                  "sha256": file_sha256(p)} for p in sorted((tmp / folder).glob("*.tar"))]
             write_json_atomic(tmp / folder / SUMMARY, {"rank": int(proposer), "shards": shards[proposer],
                                                        "counts": {"changed_pairs": sum(k in keys for k, _ in changed)}})
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
         record = {"file": str(review), "sha256": digest, "changed": result["changed"],
                   "replaced": written["shards"]}
         written = {**written, "shards": shards, "reviews": [*written.get("reviews", []), record]}

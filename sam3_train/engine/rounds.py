@@ -33,15 +33,24 @@ from typing import Any
 
 import lightning as L
 
+from sam3_train.atomic import PARTIAL_SUFFIX, write_json_atomic
 from sam3_train.dist import barrier, is_rank_zero, on_rank_zero, rank_and_world
 from sam3_train.engine.manifest import (
     FIT_CONFIG,
+    FIT_DIR,
     FIT_INFO,
     MANIFEST,
     METRICS,
     MODEL,
+    PROPOSALS_PREFIX,
     PROPOSED,
+    REVIEW_PREFIX,
+    SHARDS_PREFIX,
+    SPLIT_DIR,
     SUMMARY,
+    TMP_SUFFIX,
+    VERIFIED,
+    VERIFIERS_DIR,
     WRITTEN,
     add_counts,
     checkpoint_entry,
@@ -56,7 +65,6 @@ from sam3_train.engine.manifest import (
     round_dir_name,
     round_finished,
     shard_paths,
-    write_json_atomic,
 )
 from sam3_train.engine.proposals import ProposalWriter, ProposeData, ProposeModule
 from sam3_train.engine.pseudo_labels import write_rank
@@ -72,7 +80,6 @@ from sam3_train.engine.training import evaluate, fit_round, log_round
 
 log = logging.getLogger(__name__)
 STAGES = ("propose", "verifiers", "write", "fit", "eval")
-VERIFIED = "verifiers.json"  # the verifiers stage's marker (verifier_stage.py; only with engine.verifier_training)
 
 
 def say(message: str) -> None:
@@ -81,22 +88,26 @@ def say(message: str) -> None:
 
 
 def _remove(round_dir: Path, names: list[str]) -> None:
-    """Rank 0: delete round files by name or prefix (``shards-rank*``) and their ``.tmp`` leftovers."""
+    """Rank 0: delete round files by name or prefix (``shards-rank*``) and what a kill left of them
+    (``.tmp`` folders, ``.partial`` files)."""
     if not is_rank_zero() or not round_dir.is_dir():
         return
     for path in sorted(round_dir.iterdir()):
-        base = path.name[: -len(".tmp")] if path.name.endswith(".tmp") else path.name
+        base = path.name
+        for suffix in (TMP_SUFFIX, PARTIAL_SUFFIX):
+            base = base.removesuffix(suffix)
         if any(base == n or (n.endswith("*") and base.startswith(n[:-1])) for n in names):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # What each stage's (re)start removes: its own outputs and everything downstream.
-_FIT = ["fit", FIT_CONFIG, FIT_INFO, MODEL, METRICS]
+_FIT = [FIT_DIR, FIT_CONFIG, FIT_INFO, MODEL, METRICS]
+_WRITE = [f"{SHARDS_PREFIX}*", f"{REVIEW_PREFIX}*", WRITTEN, *_FIT]
 DOWNSTREAM = {
-    "propose": ["proposals-rank*", PROPOSED, "verifiers", VERIFIED, "shards-rank*", "review-*", WRITTEN, *_FIT],
-    # not its folder: each of its steps resumes from its own file (verifier_stage.py)
-    "verifiers": [VERIFIED, "shards-rank*", "review-*", WRITTEN, *_FIT],
-    "write": ["shards-rank*", "review-*", WRITTEN, *_FIT],
+    "propose": [f"{PROPOSALS_PREFIX}*", PROPOSED, VERIFIERS_DIR, VERIFIED, *_WRITE],
+    # not its folder: each of its steps resumes from its own file (learned/stage.py)
+    "verifiers": [VERIFIED, *_WRITE],
+    "write": _WRITE,
     "fit": _FIT,
     "eval": [METRICS],
 }
@@ -136,11 +147,11 @@ class Engine:
             data = Sam3DataModule(**self.cfg["data"])
             data.prepare_data()  # generates the shapes dataset when configured
             data.setup("fit")
-            split = split_labelled_pool(urls=data.urls["train"], out_dir=self.work_dir / "split",
+            split = split_labelled_pool(urls=data.urls["train"], out_dir=self.work_dir / SPLIT_DIR,
                                         fraction=s.labelled_fraction, seed=s.split_seed, num_shards=s.split_shards)
             labelled_pattern, pool_pattern = split["patterns"]["labelled"], split["patterns"].get("pool")
             say(f"split {split['counts']['labelled']} labelled / {split['counts']['pool']} pool images "
-                f"into {self.work_dir / 'split'}")
+                f"into {self.work_dir / SPLIT_DIR}")
         if s.checkpoint is not None:
             from sam3_train.checkpointing import check_checkpoint_file
 
@@ -206,7 +217,7 @@ class Engine:
             if stop_after == "propose":
                 return None
             if self.settings.verifier_training is not None:
-                from sam3_train.engine.verifier_stage import run_stage, stage_inputs
+                from sam3_train.engine.learned.stage import run_stage, stage_inputs
 
                 if not self._stage_done(round_dir, VERIFIED, "verifiers"):
                     run_stage(self, round_dir, previous, index)
@@ -287,8 +298,7 @@ class Engine:
         proposers = read_json(round_dir / PROPOSED)["world_size"]
         chain, miner = self.settings.chain(), self.settings.negatives
         if chain.needs_image:  # learned verifiers: the round's own where they name none, the pool's images
-            from sam3_train.engine.verifier_features import ShardImages
-            from sam3_train.engine.verifier_stage import bind_round_verifiers
+            from sam3_train.engine.learned.chain import ShardImages, bind_round_verifiers
 
             bind_round_verifiers(chain, round_dir)
         rank, world = rank_and_world()
@@ -319,7 +329,7 @@ class Engine:
         if is_rank_zero():
             write_config(cfg, round_dir / FIT_CONFIG)
         barrier()
-        trainer, tmp = None, round_dir / (MODEL + ".tmp")
+        trainer, tmp = None, round_dir / (MODEL + TMP_SUFFIX)  # training.fit_round writes this name
         if adopt:
             info = {"adopted": checkpoint_entry(s.checkpoint)}
             if is_rank_zero():

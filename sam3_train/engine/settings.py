@@ -27,9 +27,11 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, instantiate_class
 
+from sam3_train.atomic import write_bytes_atomic
 from sam3_train.cli import Sam3CLI, as_list, redirect_outputs
 from sam3_train.data import Sam3DataModule
 from sam3_train.engine.candidates import STABILITY_OFFSET
+from sam3_train.engine.manifest import FIT_DIR
 from sam3_train.engine.verifiers import (
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
@@ -55,14 +57,16 @@ def default_verifiers(*, flip_tta: bool = True) -> list[Verifier]:
 
 @dataclass(kw_only=True)
 class VerifierTraining:
-    """The round's ``verifiers`` stage (verifier_stage.py): train the learned MV and EV on the labelled
+    """The round's ``verifiers`` stage (learned/stage.py): train the learned MV and EV on the labelled
     set, proposed on by the round's proposing model, before the write stage uses them.
 
     Args:
-        mask_config, exhaustivity_config: ``sam3-train fit-verifier`` configs (model, trainer, data
+        base_config: the ``sam3-train fit-verifier`` config both fits share (model, trainer, data
             settings; the stage sets the examples file, the outputs and ``save_to``).
+        mask_config, exhaustivity_config: the overlay of each fit on ``base_config`` (read after it,
+            as ``fit-verifier --config base --config overlay`` reads them).
         accept_iou: mask IoU with an unclaimed true instance at which a proposal is a correct mask,
-            and at which a set covers a true instance (verifier_examples.py).
+            and at which a set covers a true instance (learned/examples.py).
         min_score: proposals below this score make no examples.
         max_rejects_per_pair: at most this many rejected proposals per pair (the highest-scored).
         perturb: add ground-truth rows (true masks accepted; shifted, eroded, merged ones rejected;
@@ -71,6 +75,7 @@ class VerifierTraining:
         seed: seed of the perturbations.
     """
 
+    base_config: str = "configs/verifiers/base.yaml"
     mask_config: str = "configs/verifiers/mv.yaml"
     exhaustivity_config: str = "configs/verifiers/ev.yaml"
     accept_iou: float = 0.5
@@ -262,7 +267,7 @@ def round_fit_config(cfg: dict[str, Any], *, round_dir: Path, train_shards: str 
     """The config of one round's fit: every written path under ``round_dir/fit``, the round's training
     (None: the config's) and test shards, the W&B run named ``name`` (None: the config's W&B name, or
     ``engine``, then ``-{round_dir.name}``); everything else as the engine config says."""
-    out = redirect_outputs(cfg, Path(round_dir) / "fit")
+    out = redirect_outputs(cfg, Path(round_dir) / FIT_DIR)
     for logger in as_list(out["trainer"].get("logger")):
         if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
             args = logger["init_args"]
@@ -276,7 +281,5 @@ def round_fit_config(cfg: dict[str, Any], *, round_dir: Path, train_shards: str 
 
 
 def write_config(cfg: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False, width=120))
-    tmp.replace(path)
+    """``cfg`` as YAML (keys in their order), written atomically."""
+    write_bytes_atomic(path, yaml.safe_dump(cfg, sort_keys=False, width=120).encode())

@@ -31,10 +31,10 @@ import webdataset as wds
 
 from sam3_train.data.decode import split_raw
 from sam3_train.data.shards import ShardSink, expand_urls
-from sam3_train.engine.manifest import TMP_SUFFIX, write_json_atomic
+from sam3_train.atomic import replace_dir, write_json_atomic
+from sam3_train.engine.manifest import SPLIT_MARKER, TMP_SUFFIX
 
 log = logging.getLogger(__name__)
-SPLIT_MARKER = "split.json"
 
 
 def read_samples(urls: list[str], *, strict: bool = True,
@@ -138,7 +138,7 @@ def split_labelled_pool(*, urls: list[str], out_dir: str | os.PathLike, fraction
     write_json_atomic(tmp / SPLIT_MARKER, done)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return done
 
 

@@ -30,8 +30,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from sam3_train.data.decode import decode_image
 from sam3_train.engine.candidates import Candidate
 from sam3_train.metrics.iou import rowwise_mask_iou
 
@@ -159,6 +161,21 @@ class Verified:
         return bool(self.flags)
 
 
+def image_tensor(image: Any) -> torch.Tensor:
+    """Encoded bytes, a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor -> [3, H, W] uint8:
+    the image the chain hands to verifiers that look at pixels (``uses_context``)."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        return image
+    if isinstance(image, (bytes, bytearray)):
+        image = decode_image(bytes(image))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8))).permute(2, 0, 1).contiguous()
+
+
 class VerifierChain:
     """Runs ``verifiers`` in order; an instance survives when every verifier keeps it.
 
@@ -167,7 +184,7 @@ class VerifierChain:
 
     Verifiers with ``uses_context`` also get the image: the one passed to the call (encoded bytes or
     a [3, H, W] uint8 tensor), else ``images[candidate.key]`` when ``images`` (a mapping, e.g.
-    ``verifier_features.ShardImages``) is set.
+    ``learned.ShardImages``) is set.
     """
 
     def __init__(self, *, verifiers: Sequence[Verifier], images: Any = None):
@@ -198,8 +215,6 @@ class VerifierChain:
             if image is None and self.images is not None:
                 image = self.images[candidate.key]
             if image is not None:
-                from sam3_train.engine.verifier_features import image_tensor
-
                 image = image_tensor(image)  # decoded once for every verifier
         for verifier in self.verifiers:
             verdict = verifier(candidate, image=image, alive=alive.clone()) if verifier.uses_context \
@@ -230,8 +245,6 @@ def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain, *
     flagged."""
     out = []
     if image is not None and chain.needs_image:
-        from sam3_train.engine.verifier_features import image_tensor
-
         image = image_tensor(image)  # decoded once for the image's pairs
     for candidate, dropped in pairs:
         verified = chain(candidate, image=image)

@@ -4,14 +4,18 @@ was reviewed).
 
     counts = make_examples(out_dir=d, labelled=labelled_urls, proposals=[".../proposals-rank000"],
                            reviewed_rounds=["runs/engine/round-001"])
-    # d/mv-examples.pt, d/ev-examples.pt: learned.load_examples reads them, VerifierData trains on them
+    rows = load_examples(d / "mv-examples.pt")    # what VerifierData (data.py) trains on
+
+    examples = Examples("mask")                   # rows collected by hand (e.g. a crafted test set)
+    examples.add(mask_pixels(image, masks), mask_stats(masks), [1.0, 0.0], key="k", phrase="cat", source="mine")
+    examples.write(path)
 
 Mask verification (one row per instance, label 1 = accept):
   - proposals: in score order, a proposal that overlaps a ground-truth instance of its phrase not yet
-    claimed by a higher-scored one at mask IoU >= ``accept_iou`` is accepted (and claims it); the rest
-    are rejected, at most ``max_rejects_per_pair`` per pair (the highest-scored: the hard ones). A
-    query that is not exhaustive gives no rejections (an unmatched proposal may be an unlabelled
-    instance).
+    claimed by a higher-scored one at mask IoU >= ``accept_iou`` is accepted and claims it (matching.py,
+    the audit's matcher); the rest are rejected, at most ``max_rejects_per_pair`` per pair (the
+    highest-scored: the hard ones). A query that is not exhaustive gives no rejections (an unmatched
+    proposal may be an unlabelled instance).
   - ground truth (``perturb``): every instance is accepted as it is; shifted (by 60% of its extent)
     and eroded (by a quarter of its shorter side) copies are rejected when their IoU with every true
     instance stays below ``accept_iou``, merged ones (with the nearest other instance) always.
@@ -21,10 +25,10 @@ Exhaustivity verification (one row per (image, phrase, set), label 1 = the set c
 instance one to one at ``accept_iou``), exhaustive queries only:
   - proposals: the matched set, and the sets kept at scores >= 0.3, 0.5 and 0.7 (each once);
   - ground truth (``perturb``): the true set (1) and the true set less one instance (0).
-Rows made from ground truth carry no detector statistics (``evidence`` 0, verifier_features.py);
+Rows made from ground truth carry no detector statistics (``evidence`` 0, features.py);
 accepted and rejected ones come in pairs, so the flag alone predicts nothing.
 
-Files are written once, atomically (``.tmp``, then renamed): the engine's verifiers stage skips this
+Files are written once, atomically (``sam3_train.atomic``): the engine's verifiers stage skips this
 step when both exist. Every random choice is seeded by (seed, key, phrase): the rows do not depend
 on the order or number of images read before.
 """
@@ -40,31 +44,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sam3_train.engine.audit import matched_instances
+from sam3_train.atomic import atomic_path
 from sam3_train.engine.candidates import Candidate, masks_of, record_candidates
-from sam3_train.engine.manifest import WRITTEN, read_json, shard_paths
+from sam3_train.engine.learned.features import mask_pixels, mask_stats, set_inputs
+from sam3_train.engine.learned.nets import CHANNELS
+from sam3_train.engine.manifest import EXAMPLES_FILES, WRITTEN, proposal_dirs, read_json, shard_paths
+from sam3_train.engine.matching import greedy_match, matched_instances
 from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.sources import read_samples
-from sam3_train.engine.verifier_features import image_tensor, mask_pixels, mask_stats, set_inputs
+from sam3_train.engine.verifiers import image_tensor
 from sam3_train.metrics.iou import mask_iou
 
-MV_FILE, EV_FILE = "mv-examples.pt", "ev-examples.pt"
+EXAMPLES_FORMAT = 1
 SET_THRESHOLDS = (0.3, 0.5, 0.7)
 Truth = dict[str, tuple[torch.Tensor, bool]]  # phrase -> (true masks [m, H, W] bool, exhaustive)
-
-
-def match_proposals(masks: torch.Tensor, truth: torch.Tensor, min_iou: float) -> list[int | None]:
-    """For each of n proposals (in the order given: by score), the true instance it claims or None."""
-    claimed: list[int | None] = [None] * len(masks)
-    if len(masks) == 0 or len(truth) == 0:
-        return claimed
-    free = torch.ones(len(truth), dtype=torch.bool)
-    for i, row in enumerate(mask_iou(masks, truth)):
-        options = torch.where(free & (row >= min_iou), row, -1.0)
-        j = int(options.argmax())
-        if options[j] >= 0:
-            free[j], claimed[i] = False, j
-    return claimed
 
 
 def perturbations(truth: torch.Tensor, rng: random.Random) -> list[tuple[str, torch.Tensor]]:
@@ -95,15 +88,24 @@ def perturbations(truth: torch.Tensor, rng: random.Random) -> list[tuple[str, to
     return out
 
 
-class _Rows:
-    """Rows of one kind being collected: pixels, stats, labels, phrases, keys, sources."""
+class Examples:
+    """Rows of one kind (``mask`` / ``exhaustivity``) being collected, then written as one examples file.
+
+    Attributes (parallel lists, one entry per :meth:`add`, or per row): pixels ([n, C, S, S] uint8 per
+    add), stats ([n, k] float per add), labels (1.0 accept / exhaustive, 0.0 reject), phrases, keys
+    (sample keys: VerifierData splits by them), sources (where a row came from, e.g.
+    ``labelled/proposals``).
+    """
 
     def __init__(self, kind: str):
+        if kind not in CHANNELS:
+            raise ValueError(f"Examples.kind must be one of {sorted(CHANNELS)}, got {kind!r}")
         self.kind, self.pixels, self.stats, self.labels = kind, [], [], []
         self.phrases, self.keys, self.sources = [], [], []
 
     def add(self, pixels: torch.Tensor, stats: torch.Tensor, labels: list[float], *, key: str, phrase: str,
             source: str) -> None:
+        """Add ``len(labels)`` rows: ``pixels`` [n, C, S, S] uint8 and ``stats`` [n, k] of one image and phrase."""
         if len(labels):
             self.pixels.append(pixels)
             self.stats.append(stats)
@@ -113,27 +115,39 @@ class _Rows:
             self.sources += [source] * len(labels)
 
     def counts(self) -> dict[str, Any]:
+        """``{"rows", "accept", "by_source": {source: {"accept", "reject"}}}``."""
         by_source: dict[str, dict[str, int]] = {}
         for source, label in zip(self.sources, self.labels):
             entry = by_source.setdefault(source, {"accept": 0, "reject": 0})
             entry["accept" if label else "reject"] += 1
         return {"rows": len(self.labels), "accept": int(sum(self.labels)), "by_source": by_source}
 
-    def write(self, path: Path) -> None:
-        from sam3_train.engine.learned import EXAMPLES_FORMAT
-
-        empty = (0, 4 if self.kind == "mask" else 5)
+    def write(self, path: str | os.PathLike) -> None:
+        """The examples file (:func:`load_examples` reads it), written atomically."""
+        empty = (0, CHANNELS[self.kind])
         rows = {"format": EXAMPLES_FORMAT, "kind": self.kind,
                 "pixels": torch.cat(self.pixels) if self.pixels else torch.zeros(*empty, 1, 1, dtype=torch.uint8),
                 "stats": torch.cat(self.stats) if self.stats else torch.zeros(0, 1),
                 "labels": torch.tensor(self.labels, dtype=torch.float32), "phrases": self.phrases,
                 "keys": self.keys, "sources": self.sources}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(rows, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as partial:
+            torch.save(rows, partial)
 
 
-def image_examples(mv: _Rows, ev: _Rows, *, key: str, image: torch.Tensor, truth: Truth,
+def load_examples(path: str | os.PathLike) -> dict[str, Any]:
+    """An examples file (:meth:`Examples.write`): ``{"format", "kind", "pixels", "stats", "labels",
+    "phrases", "keys", "sources"}``; loaded without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verifier examples {path} do not exist; make them with "
+                                "learned.make_examples or the engine's verifiers stage")
+    examples = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(examples, dict) or examples.get("format") != EXAMPLES_FORMAT:
+        raise ValueError(f"{path} is not a verifier examples file (format {EXAMPLES_FORMAT})")
+    return examples
+
+
+def image_examples(mv: Examples, ev: Examples, *, key: str, image: torch.Tensor, truth: Truth,
                    candidates: dict[str, Candidate], source: str, accept_iou: float = 0.5, min_score: float = 0.05,
                    max_rejects_per_pair: int = 10, perturb: bool = True, seed: int = 0) -> None:
     """Add one image's MV and EV rows (see the module docstring) to ``mv`` and ``ev``."""
@@ -145,7 +159,7 @@ def image_examples(mv: _Rows, ev: _Rows, *, key: str, image: torch.Tensor, truth
             keep = c.scores >= min_score
             idx = keep.nonzero().flatten()
             masks, scores = c.masks[idx], c.scores[idx]
-            claimed = match_proposals(masks, true, accept_iou)
+            claimed = greedy_match(masks, true, accept_iou)
             stats = mask_stats(masks, scores=scores, presence=c.presence, loose=c.masks_loose[idx],
                                tight=c.masks_tight[idx], flip=None if c.flip_masks is None else c.flip_masks[idx])
             rejects = [i for i, j in enumerate(claimed) if j is None][:max_rejects_per_pair] if exhaustive else []
@@ -206,7 +220,8 @@ def make_examples(*, out_dir: str | os.PathLike, labelled: list[str], proposals:
                   reviewed_rounds: Iterable[str | os.PathLike] = (), accept_iou: float = 0.5,
                   min_score: float = 0.05, max_rejects_per_pair: int = 10, perturb: bool = True,
                   seed: int = 0) -> dict[str, Any]:
-    """Write ``out_dir/mv-examples.pt`` and ``ev-examples.pt``; returns their counts per label and source.
+    """Write ``out_dir/mv-examples.pt`` and ``ev-examples.pt`` (manifest.EXAMPLES_FILES); returns their
+    counts per label and source.
 
     Args:
         labelled: labelled shards (their queries are the truth).
@@ -219,7 +234,7 @@ def make_examples(*, out_dir: str | os.PathLike, labelled: list[str], proposals:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
-    mv, ev = _Rows("mask"), _Rows("exhaustivity")
+    mv, ev = Examples("mask"), Examples("exhaustivity")
     settings = dict(accept_iou=accept_iou, min_score=min_score, max_rejects_per_pair=max_rejects_per_pair, seed=seed)
 
     def candidates(key: str, found: list[ProposalIndex]) -> dict[str, Candidate]:
@@ -234,11 +249,11 @@ def make_examples(*, out_dir: str | os.PathLike, labelled: list[str], proposals:
         pairs, written = reviewed_pairs(round_dir), read_json(round_dir / WRITTEN)
         if not pairs:
             continue
-        found = [ProposalIndex(proposals_file(p)) for p in sorted(round_dir.glob("proposals-rank*")) if p.is_dir()]
+        found = [ProposalIndex(proposals_file(p)) for p in proposal_dirs(round_dir)]
         for key, data, _, meta in read_samples(shard_paths(round_dir, written), strict=False):
             if key in pairs:
                 image_examples(mv, ev, key=key, image=image_tensor(data), truth=_truth(meta, pairs[key]),
                                candidates=candidates(key, found), source="review", perturb=perturb, **settings)
-    ev.write(out / EV_FILE)
-    mv.write(out / MV_FILE)  # last: its presence says both are complete
+    ev.write(out / EXAMPLES_FILES["exhaustivity"])
+    mv.write(out / EXAMPLES_FILES["mask"])  # last: its presence says both are complete
     return {"mask": mv.counts(), "exhaustivity": ev.counts()}

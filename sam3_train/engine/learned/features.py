@@ -1,5 +1,5 @@
 """What the learned verifiers see: fixed-size pixel tensors and a few statistics, built the same way
-for training examples (verifier_examples.py) and for the engine's candidates (learned.py).
+for training examples (examples.py) and for the engine's candidates (chain.py).
 
 Mask verification (MV), one row per instance::
 
@@ -17,7 +17,7 @@ Exhaustivity verification (EV), one row per (image, phrase, proposed set)::
 ``evidence`` is 1 where the row comes from the detector (score, presence, stability and flip
 agreement are known) and 0 for rows made from ground truth (their detector statistics are 0). The
 examples hold accepted and rejected rows of both kinds, so the flag itself tells nothing about the
-label (verifier_examples.py).
+label (examples.py).
 
 Phrases become word hashes (crc32 of each lower-case word, at most PHRASE_WORDS, -1 pads): the nets
 map them into their own embedding table, so no tokenizer file is needed and the examples stay valid
@@ -30,7 +30,6 @@ import re
 import zlib
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -45,22 +44,6 @@ MASK_STATS = ("evidence", "score", "presence", "stability_iou", "flip_iou", "has
               "duplicate_iou")
 SET_STATS = ("evidence", "presence", "num_in", "num_out", "score_in_1", "score_in_2", "score_in_3",
              "score_out_1", "score_out_2", "score_out_3", "sqrt_area_in", "sqrt_area_out")
-
-
-def image_tensor(image: Any) -> torch.Tensor:
-    """Encoded bytes, a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor -> [3, H, W] uint8."""
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensor must be uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
-        return image
-    if isinstance(image, (bytes, bytearray)):
-        from sam3_train.data.decode import decode_image
-
-        image = decode_image(bytes(image))
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8))).permute(2, 0, 1).contiguous()
 
 
 def phrase_tokens(phrases: list[str]) -> torch.Tensor:
@@ -173,39 +156,3 @@ def set_inputs(image: torch.Tensor, masks_in: torch.Tensor, masks_out: torch.Ten
             first = SET_STATS.index(f"{name}_1")
             stats[first:first + len(top)] = top
     return pixels, stats
-
-
-class ShardImages:
-    """Random access to the images of some shards by sample key, for ``VerifierChain.images`` (the
-    write stage's learned verifiers look at the pool images): an offset per key (only tar headers are
-    read up front), bytes read and decoded on demand to [3, H, W] uint8, the last one cached (the
-    chain asks for an image once per phrase)."""
-
-    def __init__(self, urls: list[str]):
-        import tarfile
-
-        from sam3_train.data.schema import IMAGE_EXTENSIONS
-
-        self.where: dict[str, tuple[str, int, int]] = {}
-        for url in urls:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if member.isfile() and ext in IMAGE_EXTENSIONS:
-                        self.where[key] = (url, member.offset_data, member.size)
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        if key not in self.where:
-            raise KeyError(f"sample {key} has no image in the shards read ({len(self.where)} images)")
-        url, offset, size = self.where[key]
-        with open(url, "rb") as f:
-            f.seek(offset)
-            image = image_tensor(f.read(size))
-        self._last = (key, image)
-        return image

@@ -1,0 +1,177 @@
+"""The learned verifiers as checks of the chain (verifiers.py): a trained MV or EV net behind the
+:class:`~sam3_train.engine.verifiers.Verifier` interface, how a checkpoint is loaded, how the write
+stage binds the ones a round trained, and where the chain gets the pool's images.
+
+    chain = VerifierChain(verifiers=[ScoreVerifier(min_score=0.3), LearnedMaskVerifier(checkpoint="mv.ckpt"),
+                                     LearnedExhaustivityVerifier(checkpoint="ev.ckpt")])
+    chain(candidate, image=png_bytes)
+    chain.images = ShardImages(pool_urls)                  # the write stage: images by sample key
+    bind_round_verifiers(chain, round_dir)                 # those without a checkpoint: the round's own
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tarfile
+from typing import Any
+
+import torch
+
+from sam3_train.checkpointing import CheckpointError, load_checkpoint_file
+from sam3_train.data.schema import IMAGE_EXTENSIONS
+from sam3_train.engine.candidates import Candidate
+from sam3_train.engine.learned.features import PHRASE_WORDS, candidate_mask_inputs, phrase_tokens, set_inputs
+from sam3_train.engine.learned.module import VerifierModule
+from sam3_train.engine.learned.nets import Kind
+from sam3_train.engine.manifest import verifier_checkpoint
+from sam3_train.engine.verifiers import Verdict, Verifier, image_tensor
+
+HINT = ("train one with `sam3-train fit-verifier --config configs/verifiers/base.yaml --config "
+        "configs/verifiers/mv.yaml` (ev.yaml for EV) or the engine's verifiers stage")
+
+
+def load_verifier(checkpoint: str | os.PathLike, kind: Kind, owner: str) -> VerifierModule:
+    """A trained verifier in eval mode; one error naming the file and what to do when it cannot be used."""
+    try:
+        state = load_checkpoint_file(checkpoint)
+        hparams = dict(state.get("hyper_parameters") or {})
+        if hparams.get("kind") != kind:
+            raise CheckpointError(f"it holds no {kind} verifier (hyper-parameters {hparams or 'missing'})")
+        names = inspect.signature(VerifierModule).parameters  # LightningCLI adds _class_path, _instantiator
+        module = VerifierModule(**{k: v for k, v in hparams.items() if k in names})
+        module.load_state_dict(state["state_dict"])
+    except (FileNotFoundError, CheckpointError, KeyError, RuntimeError, TypeError) as exn:
+        raise ValueError(f"{owner}: cannot load checkpoint {checkpoint}: {exn}; {HINT}") from exn
+    return module.eval()
+
+
+class _Learned(Verifier):
+    kind: Kind = "mask"
+    uses_context = True  # the chain passes the image and the instances still alive
+
+    def __init__(self, *, checkpoint: str | None = None, min_prob: float = 0.5):
+        """``checkpoint``: a ``fit-verifier`` checkpoint; None: the one the round's verifiers stage
+        trains (bound by the engine). ``min_prob``: the probability at or above which it accepts."""
+        if not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"{type(self).__name__}.min_prob must lie in [0, 1], got {min_prob}")
+        self.checkpoint, self.min_prob = checkpoint, float(min_prob)
+        self._module = None if checkpoint is None else load_verifier(checkpoint, self.kind, type(self).__name__)
+
+    def bind(self, checkpoint: str | os.PathLike) -> None:
+        """Use ``checkpoint`` (the engine binds a round's own verifier; ``params()`` still says None)."""
+        self._module = load_verifier(checkpoint, self.kind, type(self).__name__)
+
+    def _net(self, candidate: Candidate) -> VerifierModule:
+        if self._module is None:
+            raise ValueError(f"{type(self).__name__} has no checkpoint: set its checkpoint, or enable "
+                             "engine.verifier_training so that the round trains one")
+        return self._module
+
+    @staticmethod
+    def _image(candidate: Candidate, image: Any) -> torch.Tensor:
+        if image is None:
+            raise ValueError(f"a learned verifier needs the image of {candidate.key} (pass image=...; the chain "
+                             "passes it when given one, or reads it from chain.images)")
+        pixels = image_tensor(image)
+        if tuple(pixels.shape[1:]) != (candidate.height, candidate.width):
+            raise ValueError(f"image of {candidate.key} is {tuple(pixels.shape[1:])}, the candidate "
+                             f"{(candidate.height, candidate.width)}")
+        return pixels
+
+    @torch.no_grad()
+    def probabilities(self, candidate: Candidate, *, image: Any = None, alive: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LearnedMaskVerifier(_Learned):
+    """Keeps an instance when the MV net gives it probability >= ``min_prob`` of being a correct,
+    complete instance of the phrase. A mask check: an instance it drops makes the pair non-exhaustive
+    and flags it for review (``rejects_absent`` False), as the heuristic mask checks."""
+
+    name = "learned_mask"
+    kind = "mask"
+
+    @torch.no_grad()
+    def probabilities(self, candidate, *, image=None, alive=None):
+        """[n] probability per instance."""
+        net = self._net(candidate)
+        if candidate.num_instances == 0:
+            return torch.zeros(0)
+        pixels, stats = candidate_mask_inputs(self._image(candidate, image), candidate)
+        tokens = phrase_tokens([candidate.phrase]).expand(candidate.num_instances, PHRASE_WORDS)
+        return net({"pixels": pixels, "stats": stats, "tokens": tokens}).sigmoid()
+
+    def __call__(self, candidate: Candidate, *, image: Any = None, alive: torch.Tensor | None = None) -> Verdict:
+        return Verdict(keep=self.probabilities(candidate, image=image) >= self.min_prob)
+
+
+class LearnedExhaustivityVerifier(_Learned):
+    """Judges the set still alive when it runs (put it last): exhaustive when the EV net gives
+    probability >= ``min_prob`` that those masks cover every instance; keeps every instance."""
+
+    name = "learned_exhaustivity"
+    kind = "exhaustivity"
+
+    @torch.no_grad()
+    def probabilities(self, candidate, *, image=None, alive=None):
+        """[1] probability that the alive set (every instance when ``alive`` is None) is exhaustive."""
+        net = self._net(candidate)
+        alive = torch.ones(candidate.num_instances, dtype=torch.bool) if alive is None else alive.bool()
+        pixels, stats = set_inputs(self._image(candidate, image), candidate.masks[alive], candidate.masks[~alive],
+                                   scores_in=candidate.scores[alive], scores_out=candidate.scores[~alive],
+                                   presence=candidate.presence)
+        batch = {"pixels": pixels[None], "stats": stats[None], "tokens": phrase_tokens([candidate.phrase])}
+        return net(batch).sigmoid()
+
+    def __call__(self, candidate: Candidate, *, image: Any = None, alive: torch.Tensor | None = None) -> Verdict:
+        p = float(self.probabilities(candidate, image=image, alive=alive)[0])
+        keep = torch.ones(candidate.num_instances, dtype=torch.bool)
+        if p >= self.min_prob:
+            return Verdict(keep=keep, exhaustive=True)
+        return Verdict(keep=keep, exhaustive=False, flags=(f"P(exhaustive) {p:.2f}",))
+
+
+def bind_round_verifiers(chain: Any, round_dir: str | os.PathLike) -> None:
+    """Point the chain's learned verifiers that name no checkpoint at the ones the round trained;
+    fails naming the round when it trained none."""
+    for verifier in chain.verifiers:
+        if isinstance(verifier, (LearnedMaskVerifier, LearnedExhaustivityVerifier)) and verifier.checkpoint is None:
+            path = verifier_checkpoint(round_dir, verifier.kind)
+            if not path.is_file():
+                raise FileNotFoundError(f"{type(verifier).__name__} has no checkpoint and {path} does not exist: "
+                                        "set its checkpoint or engine.verifier_training")
+            verifier.bind(path)
+
+
+class ShardImages:
+    """Random access to the images of some shards by sample key, for ``VerifierChain.images`` (the
+    write stage's learned verifiers look at the pool images): an offset per key (only tar headers are
+    read up front), bytes read and decoded on demand to [3, H, W] uint8, the last one cached (the
+    chain asks for an image once per phrase)."""
+
+    def __init__(self, urls: list[str]):
+        self.where: dict[str, tuple[str, int, int]] = {}
+        for url in urls:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if member.isfile() and ext in IMAGE_EXTENSIONS:
+                        self.where[key] = (url, member.offset_data, member.size)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if key not in self.where:
+            raise KeyError(f"sample {key} has no image in the shards read ({len(self.where)} images)")
+        url, offset, size = self.where[key]
+        with open(url, "rb") as f:
+            f.seek(offset)
+            image = image_tensor(f.read(size))
+        self._last = (key, image)
+        return image

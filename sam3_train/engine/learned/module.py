@@ -1,0 +1,88 @@
+"""The learned verifiers' LightningModule: a :class:`~sam3_train.engine.learned.nets.VerifierNet` and
+its objective, trained by ``sam3-train fit-verifier`` (cli.py) on a :class:`~sam3_train.engine.learned.
+data.VerifierData`; and :func:`score_examples`, a trained one's accuracy on held-out rows.
+
+    sam3-train fit-verifier --config configs/verifiers/base.yaml --config configs/verifiers/mv.yaml
+    module = VerifierModule(kind="mask")           # what the config's model section builds
+    logits = module({"pixels": ..., "stats": ..., "tokens": ...})     # [N]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import BinaryAccuracy
+
+from sam3_train.engine.learned.nets import CHANNELS, NUM_STATS, Kind, VerifierNet
+
+if TYPE_CHECKING:
+    from sam3_train.engine.learned.data import VerifierData
+
+
+class VerifierModule(L.LightningModule):
+    """A verifier net and its objective (binary cross-entropy: 1 = accept / exhaustive).
+
+    Args:
+        kind: ``mask`` (MV: one row per instance) or ``exhaustivity`` (EV: one row per proposed set).
+        width, phrase_buckets, phrase_dim: :class:`VerifierNet`'s sizes.
+        lr, weight_decay: AdamW.
+    Logs ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy`` (at probability 0.5).
+    """
+
+    def __init__(self, *, kind: Kind = "mask", width: int = 32, phrase_buckets: int = 1024, phrase_dim: int = 16,
+                 lr: float = 3e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        if kind not in CHANNELS:
+            raise ValueError(f"VerifierModule.kind must be one of {sorted(CHANNELS)}, got {kind!r}")
+        self.save_hyperparameters()
+        self.kind = kind
+        self.net = VerifierNet(in_channels=CHANNELS[kind], num_stats=NUM_STATS[kind], width=width,
+                               phrase_buckets=phrase_buckets, phrase_dim=phrase_dim)
+        self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [N] of a batch ``{"pixels", "stats", "tokens"}``."""
+        return self.net(batch["pixels"], batch["stats"], batch["tokens"])
+
+    def on_fit_start(self) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if data is not None and getattr(data, "kind", self.kind) != self.kind:
+            raise ValueError(f"the examples {data.examples} are {data.kind} examples; model.kind is {self.kind}")
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, accuracy: BinaryAccuracy) -> torch.Tensor:
+        logits = self(batch)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+        accuracy(logits.sigmoid(), batch["labels"].long())
+        n = len(logits)
+        self.log(f"{stage}/loss", loss, batch_size=n, prog_bar=stage == "val")
+        self.log(f"{stage}/accuracy", accuracy, batch_size=n, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_accuracy)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_accuracy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+@torch.no_grad()
+def score_examples(module: VerifierModule, data: VerifierData, part: str = "val", min_prob: float = 0.5
+                   ) -> dict[str, Any]:
+    """Accuracy, and precision / recall of "accept", of a trained verifier on one part of its examples."""
+    data.setup("fit")
+    module = module.eval()
+    tp = fp = fn = right = rows = 0
+    for batch in DataLoader(data.parts[part], batch_size=256):
+        predicted, truth = module(batch).sigmoid() >= min_prob, batch["labels"] > 0.5
+        tp, fp = tp + int((predicted & truth).sum()), fp + int((predicted & ~truth).sum())
+        fn, right = fn + int((~predicted & truth).sum()), right + int((predicted == truth).sum())
+        rows += len(truth)
+    share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    return {"rows": rows, "accuracy": share(right, rows), "precision": share(tp, tp + fp), "recall": share(tp, tp + fn)}
