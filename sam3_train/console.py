@@ -1,9 +1,12 @@
 """``sam3-train``: the console front. It sits above every other part and routes each subcommand to
 the part that owns it, so that nothing below imports upwards (tests/test_layout.py)::
 
-    sam3-train fit|validate|test|predict --config configs/shapes_tiny.yaml   # sam3_train/cli.py
-    sam3-train fit-verifier --config configs/verifiers/mv.yaml               # sam3_train/engine/learned/
-    sam3-train predict-video --video frames/ --phrases "red star" ...        # sam3_train/video/predict.py
+    # sam3_train/cli.py
+    sam3-train fit|validate|test|predict --config configs/shapes_tiny.yaml
+    # sam3_train/engine/learned/
+    sam3-train fit-verifier --config configs/verifiers/base.yaml --config configs/verifiers/mv.yaml
+    # sam3_train/video/predict.py
+    sam3-train predict-video --video frames/ --phrases "red star" ...
 
 ``python -m sam3_train.console`` is the same command.
 """
