@@ -16,7 +16,6 @@ the batch sample keys. ``max_consecutive_skipped_steps`` in a row stop training 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -38,7 +37,7 @@ from sam3_train.model import (
 )
 from sam3_train.model.checkpoint_io import listing
 from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
-from sam3_train.optim import Schedule, param_groups, schedule_factor
+from sam3_train.optim import LRSchedule, Schedule, param_groups
 from sam3_train.resume import ExactResume
 
 log = logging.getLogger(__name__)
@@ -383,8 +382,8 @@ class Sam3LitModule(L.LightningModule):
         # AdamW was ~10% of a CPU step: docs/benchmarks.md).
         optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=(0.9, 0.999), fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
-        factor = partial(schedule_factor, total_steps=total, kind=h.schedule, warmup_steps=h.warmup_steps,
-                         cooldown_steps=h.cooldown_steps, timescale=h.timescale)
+        factor = LRSchedule(total_steps=total, kind=h.schedule, warmup_steps=h.warmup_steps,
+                            cooldown_steps=h.cooldown_steps, timescale=h.timescale)
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
