@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
+from sam3_train.data.frame import Frame
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import (
@@ -402,26 +402,21 @@ def _tensors(value: Any):
 
 def eval_targets(batch: Batch) -> list[dict[str, Any]]:
     """Batch targets in the metric's frame: the image content inside the input, pixels, xyxy."""
-    side = batch.images.shape[-1]
-    targets = []
-    for p, target in enumerate(batch.targets):
-        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
-        targets.append({
-            "masks": target["masks"][:, :h, :w],
-            "boxes": cxcywh_to_xyxy(target["boxes"].float()) * side,
-            "exhaustive": bool(target["exhaustive"]),
-        })
-    return targets
+    return [_in_content_frame(target, Frame.of(batch, int(batch.pair_image[p]))) for p, target in enumerate(batch.targets)]
 
 
 def cgf1_targets(batch: Batch, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``eval_targets`` as SA-Co scores them: the source's exhaustive flag (crowd regions are ignored,
     the pair still scored) and the other annotators' sets (``extra_sets``, SA-Co Gold)."""
-    side = batch.images.shape[-1]
     out = []
     for p, (raw, target) in enumerate(zip(batch.targets, targets)):
-        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
-        extra = [{"masks": s["masks"][:, :h, :w], "boxes": cxcywh_to_xyxy(s["boxes"].float()) * side,
-                  "exhaustive": bool(s["exhaustive"])} for s in raw.get("extra_sets", [])]
+        frame = Frame.of(batch, int(batch.pair_image[p]))
+        extra = [_in_content_frame(s, frame) for s in raw.get("extra_sets", [])]
         out.append({**target, "exhaustive": bool(raw.get("eval_exhaustive", raw["exhaustive"])), "extra_sets": extra})
     return out
+
+
+def _in_content_frame(target: dict[str, Any], frame: Frame) -> dict[str, Any]:
+    """One annotation set (masks [n, S, S], normalised cxcywh boxes) in the content's pixels."""
+    return {"masks": frame.crop_content(target["masks"]), "boxes": frame.boxes_to_original(target["boxes"]),
+            "exhaustive": bool(target["exhaustive"])}
