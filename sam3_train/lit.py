@@ -23,7 +23,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from sam3_train.data.batch import Batch
-from sam3_train.data.frame import Frame
+from sam3_train.data.frame import InputFrame
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import (
@@ -402,7 +402,8 @@ def _tensors(value: Any):
 
 def eval_targets(batch: Batch) -> list[dict[str, Any]]:
     """Batch targets in the metric's frame: the image content inside the input, pixels, xyxy."""
-    return [_in_content_frame(target, Frame.of(batch, int(batch.pair_image[p]))) for p, target in enumerate(batch.targets)]
+    return [_in_content_frame(target, InputFrame.of(batch, int(batch.pair_image[p])))
+            for p, target in enumerate(batch.targets)]
 
 
 def cgf1_targets(batch: Batch, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -410,13 +411,13 @@ def cgf1_targets(batch: Batch, targets: list[dict[str, Any]]) -> list[dict[str, 
     the pair still scored) and the other annotators' sets (``extra_sets``, SA-Co Gold)."""
     out = []
     for p, (raw, target) in enumerate(zip(batch.targets, targets)):
-        frame = Frame.of(batch, int(batch.pair_image[p]))
+        frame = InputFrame.of(batch, int(batch.pair_image[p]))
         extra = [_in_content_frame(s, frame) for s in raw.get("extra_sets", [])]
         out.append({**target, "exhaustive": bool(raw.get("eval_exhaustive", raw["exhaustive"])), "extra_sets": extra})
     return out
 
 
-def _in_content_frame(target: dict[str, Any], frame: Frame) -> dict[str, Any]:
+def _in_content_frame(target: dict[str, Any], frame: InputFrame) -> dict[str, Any]:
     """One annotation set (masks [n, S, S], normalised cxcywh boxes) in the content's pixels."""
     return {"masks": frame.crop_content(target["masks"]), "boxes": frame.boxes_to_original(target["boxes"]),
             "exhaustive": bool(target["exhaustive"])}

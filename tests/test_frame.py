@@ -1,14 +1,14 @@
-"""data.frame.Frame: boxes and mask logits from the model's square input (content at the top-left) to
-the original image's pixels, hand-computed on a landscape image."""
+"""data.frame.InputFrame: boxes and mask logits from the model's square input (content at the
+top-left) to the original image's pixels, hand-computed on a landscape image."""
 
 from __future__ import annotations
 
 import torch
 
-from sam3_train.data import Batch, Frame
+from sam3_train.data import Batch, InputFrame
 
 # An 8 x 8 input holding a 4 x 8 content (the top half) of a 20 x 40 original: 5x in each direction.
-FRAME = Frame(side=8, content=(4, 8), original=(20, 40))
+FRAME = InputFrame(side=8, content=(4, 8), original=(20, 40))
 
 
 def test_boxes_go_from_normalised_input_to_original_pixels():
@@ -19,7 +19,7 @@ def test_boxes_go_from_normalised_input_to_original_pixels():
     clamped = FRAME.boxes_to_original(boxes, clamp=True)
     torch.testing.assert_close(clamped, torch.tensor([[10.0, 5.0, 30.0, 15.0], [25.0, 5.0, 40.0, 20.0]]))
     # Without an original size the frame stays in input pixels (the metrics' content frame).
-    content = Frame(side=8, content=(4, 8), original=(4, 8))
+    content = InputFrame(side=8, content=(4, 8), original=(4, 8))
     torch.testing.assert_close(content.boxes_to_original(boxes[:1]), torch.tensor([[2.0, 1.0, 6.0, 3.0]]))
 
 
@@ -53,5 +53,5 @@ def test_frame_of_a_batch_reads_its_image_sizes():
     batch = Batch(images=torch.zeros(2, 3, 8, 8), image_sizes=torch.tensor([[8, 8], [4, 8]]), pair_image=torch.tensor([1]),
                   input_ids=torch.zeros(1, 32, dtype=torch.long), attention_mask=torch.ones(1, 32, dtype=torch.long),
                   original_sizes=torch.tensor([[16, 16], [20, 40]]))
-    assert Frame.of(batch, 1, batch.original_sizes) == FRAME
-    assert Frame.of(batch, 1) == Frame(side=8, content=(4, 8), original=(4, 8))
+    assert InputFrame.of(batch, 1, batch.original_sizes) == FRAME
+    assert InputFrame.of(batch, 1) == InputFrame(side=8, content=(4, 8), original=(4, 8))

@@ -2,12 +2,12 @@
 
 The eval-time transform resizes each image so that its content (h x w, ``Batch.image_sizes``) sits at
 the top-left of the model's S x S input and pads the rest; the detector predicts boxes normalised
-to that S x S input and mask logits on a grid over it. :class:`Frame` undoes this for one image:
-crop the content, scale it to the original H x W (``Batch.original_sizes``; the content's own
-h x w when the metric works in the input's pixels). Evaluation, prediction, the data engine and the
-video path all map through it, so none maps a box or a mask differently::
+to that S x S input and mask logits on a grid over it. :class:`InputFrame` undoes this for one
+image: crop the content, scale it to the original H x W (``Batch.original_sizes``; the content's
+own h x w when the metric works in the input's pixels). Evaluation, prediction, the data engine
+and the video path all map through it, so none maps a box or a mask differently::
 
-    frame = Frame.of(batch, image, batch.original_sizes)
+    frame = InputFrame.of(batch, image, batch.original_sizes)
     boxes = frame.boxes_to_original(pred_boxes, clamp=True)   # [n, 4] xyxy pixels of the original
     logits = frame.mask_logits_to_original(pred_masks)       # [n, H, W] float32
 """
@@ -24,7 +24,7 @@ from sam3_train.data.batch import Batch
 
 
 @dataclass(frozen=True)
-class Frame:
+class InputFrame:
     """One image's place in the model input.
 
     Attributes:
@@ -38,7 +38,7 @@ class Frame:
     original: tuple[int, int]
 
     @classmethod
-    def of(cls, batch: Batch, image: int, original_sizes: torch.Tensor | None = None) -> Frame:
+    def of(cls, batch: Batch, image: int, original_sizes: torch.Tensor | None = None) -> InputFrame:
         """Image ``image`` of ``batch``; ``original_sizes`` [B, 2] (H, W), default the content's size."""
         content = tuple(batch.image_sizes[image].tolist())
         original = tuple(original_sizes[image].tolist()) if original_sizes is not None else content

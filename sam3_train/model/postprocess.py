@@ -3,8 +3,8 @@
 Score = sigmoid(class logit) x sigmoid(presence logit). The model sees the image resized so that its
 content (``image_sizes``, h x w) sits at the top-left of an S x S input (the eval-time transform);
 boxes and masks are mapped from that frame back to each image's original size by
-:class:`sam3_train.data.frame.Frame`. Evaluation, prediction and the data engine's propose step all
-go through :func:`postprocess`, so they cannot map a box or a mask differently.
+:class:`sam3_train.data.frame.InputFrame`. Evaluation, prediction and the data engine's propose step
+all go through :func:`postprocess`, so they cannot map a box or a mask differently.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from sam3_train.data.batch import Batch
-from sam3_train.data.frame import Frame
+from sam3_train.data.frame import InputFrame
 
 
 def detection_scores(outputs: dict) -> torch.Tensor:
@@ -46,7 +46,7 @@ def postprocess(
     masks = outputs.get("pred_masks")
     results = []
     for p in range(scores.shape[0]):
-        frame = Frame.of(batch, int(batch.pair_image[p]), original_sizes)
+        frame = InputFrame.of(batch, int(batch.pair_image[p]), original_sizes)
         order = scores[p].argsort(descending=True, stable=True)
         order = order[scores[p, order] >= score_threshold]
         if max_detections is not None:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sam3_train.data import rle as rle_ops
-from sam3_train.data.frame import Frame  # the image path's mask mapping
+from sam3_train.data.frame import InputFrame  # the image path's mask mapping
 from sam3_train.video.session import DelayedFrame
 from sam3_train.visualize import palette
 
@@ -48,8 +48,8 @@ class Masklets:
 def frame_masklets(frame: DelayedFrame, *, image_size: int, height: int, width: int) -> Masklets:
     """Masks of the objects shown on ``frame`` at (height, width).
 
-    Low-res logits are mapped as the image path maps its masks (``data.frame.Frame``: to S x S, then
-    to the video's size), thresholded at 0; hidden ids and empty masks are dropped, and where masks of
+    Low-res logits are mapped as the image path maps its masks (``data.frame.InputFrame``: to S x S,
+    then to the video's size), thresholded at 0; hidden ids and empty masks are dropped, and where masks of
     one phrase overlap the pixel goes to the object with the higher tracker score, as transformers'
     ``Sam3VideoProcessor.postprocess_outputs`` does.
     """
@@ -59,7 +59,7 @@ def frame_masklets(frame: DelayedFrame, *, image_size: int, height: int, width: 
         return Masklets([], [], torch.zeros(0), torch.zeros(0, height, width, dtype=torch.bool), torch.zeros(0, 4))
     logits = torch.cat([out.obj_id_to_mask[i] for i in ids]).float().cpu()  # [n, h, w]
     # the tracker's frames fill the whole square input: the content is all of it
-    square = Frame(side=image_size, content=(image_size, image_size), original=(height, width))
+    square = InputFrame(side=image_size, content=(image_size, image_size), original=(height, width))
     masks = square.mask_logits_to_original(logits) > 0
     keep = masks.flatten(1).any(1).tolist()
     ids = [i for i, k in zip(ids, keep) if k]
