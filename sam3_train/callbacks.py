@@ -285,8 +285,8 @@ class TimeBudget(L.Callback):
     checkpointed); it plans again after every validation with that validation's measured time.
     The learning-rate schedule follows the plan: the ``total_steps`` of each ``optim.LRSchedule`` the
     trainer's LambdaLRs step becomes the planned step count, so a cosine schedule still ends at zero
-    when the budget does. ``trainer.max_steps`` stays an
-    upper bound. The plan is saved in checkpoints and a resumed run keeps the budget left.
+    when the budget does. ``trainer.max_steps`` stays an upper bound. The plan is saved in checkpoints
+    and a resumed run keeps the budget left.
 
     The step count then depends on the machine and its load: two runs are no longer bitwise equal
     (a fixed ``max_steps`` is; README). Add it from the command line::

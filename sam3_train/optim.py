@@ -115,7 +115,7 @@ class LRSchedule:
     """``schedule(step)``: :func:`schedule_factor` at ``step`` with these settings, for ``LambdaLR``.
 
     ``total_steps`` is public and may change during a run (``callbacks.TimeBudget`` sets it to the
-    planned step count): the next call follows the new length.
+    planned step count): the next call follows the new length::
 
         scheduler = LambdaLR(optimizer, LRSchedule(total_steps=40_000, kind="cosine", warmup_steps=1_000))
     """
