@@ -35,7 +35,8 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a closed file's data to the disk (before a rename publishes it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_path(path: str | os.PathLike, *, partial: str | os.PathLike | None = 
     tmp = Path(partial) if partial is not None else path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +17,7 @@ from PIL import Image
 
 from sam3_train.data import rle
 from sam3_train.data.batch import Batch
+from sam3_train.optim import LRSchedule
 from sam3_train.visualize import denormalise, label_map, overlay, slug
 
 log = logging.getLogger(__name__)
@@ -283,9 +283,10 @@ class TimeBudget(L.Callback):
     After ``measure`` steps it works out how many steps the rest of the budget holds at the measured
     step rate, and stops there (Lightning's ``should_stop``, so the last step is validated and
     checkpointed); it plans again after every validation with that validation's measured time.
-    The learning-rate schedule follows the plan: its ``total_steps`` becomes the planned step count,
-    so a cosine schedule still ends at zero when the budget does. ``trainer.max_steps`` stays an
-    upper bound. The plan is saved in checkpoints and a resumed run keeps the budget left.
+    The learning-rate schedule follows the plan: the ``total_steps`` of each ``optim.LRSchedule`` the
+    trainer's LambdaLRs step becomes the planned step count, so a cosine schedule still ends at zero
+    when the budget does. ``trainer.max_steps`` stays an upper bound. The plan is saved in checkpoints
+    and a resumed run keeps the budget left.
 
     The step count then depends on the machine and its load: two runs are no longer bitwise equal
     (a fixed ``max_steps`` is; README). Add it from the command line::
@@ -387,15 +388,14 @@ class TimeBudget(L.Callback):
 
     @staticmethod
     def _set_schedule(trainer: L.Trainer, total_steps: int) -> None:
-        """Point every step-wise LambdaLR built from ``optim.schedule_factor`` at ``total_steps``."""
+        """Set ``total_steps`` of every :class:`~sam3_train.optim.LRSchedule` the trainer's LambdaLRs step."""
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            lambdas = getattr(scheduler, "lr_lambdas", None)
-            if lambdas is None:
+            schedules = [fn for fn in getattr(scheduler, "lr_lambdas", ()) if isinstance(fn, LRSchedule)]
+            if not schedules:
                 continue
-            for i, fn in enumerate(lambdas):
-                if isinstance(fn, partial) and "total_steps" in fn.keywords:
-                    lambdas[i] = partial(fn.func, *fn.args, **{**fn.keywords, "total_steps": total_steps})
+            for schedule in schedules:
+                schedule.total_steps = total_steps
             # the current rates follow the new schedule at once, not from the next step
-            for group, fn in zip(scheduler.optimizer.param_groups, lambdas):
+            for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
                 group["lr"] = group["initial_lr"] * fn(scheduler.last_epoch)

@@ -3,10 +3,11 @@
 ``SafeCheckpointIO`` is the Trainer's checkpoint plugin (``sam3-train`` installs it unless a config
 names another CheckpointIO):
 
-- **Atomic saves.** ``torch.save`` writes ``.{name}.partial-{pid}`` next to the target, which is
-  fsync'ed and then renamed over it (``os.replace``: atomic on POSIX). A kill during a save leaves
-  the previous ``last.ckpt`` as it was, plus a partial file that the next save removes. Lightning's
-  own ``_atomic_save`` buffers the whole checkpoint in memory and then writes it in place.
+- **Atomic saves** (``sam3_train.atomic``). ``torch.save`` writes ``.{name}.partial-{pid}`` next to
+  the target, which is fsync'ed and then renamed over it (``os.replace``: atomic on POSIX). A kill
+  during a save leaves the previous ``last.ckpt`` as it was, plus a partial file that the next save
+  removes. Lightning's own ``_atomic_save`` buffers the whole checkpoint in memory and then writes it
+  in place.
 - **Safe loads.** ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
   plus the few harmless types in ``SAFE_GLOBALS``. A checkpoint carrying pickled code (any other
   global, e.g. ``os.system``) is refused before anything in it runs. ``--weights_only false`` on
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from sam3_train.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -71,28 +74,16 @@ def _alive(pid: int) -> bool:
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a partial file in the same folder, fsync, rename over ``path``."""
+    """``torch.save`` through :func:`sam3_train.atomic.atomic_path` (partial file in the same folder,
+    fsync, rename over ``path``, fsync the folder), with a partial name per process: two processes
+    saving the same path never write into one partial, and the partials of dead processes are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
-    partial = _partial_name(path, os.getpid())
-    try:
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems refuse to fsync a folder; the data itself is on disk
-        pass
+    # Through a file object, not the partial's path: torch would name the zip's records after the
+    # partial file; a stream gets the fixed name "archive", as every save before this one.
+    with atomic_path(path, partial=_partial_name(path, os.getpid())) as partial, open(partial, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 def _missing(path: Path) -> CheckpointError | FileNotFoundError:

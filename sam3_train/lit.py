@@ -16,15 +16,14 @@ the batch sample keys. ``max_consecutive_skipped_steps`` in a row stop training 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
+from sam3_train.data.frame import InputFrame
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import (
@@ -38,7 +37,7 @@ from sam3_train.model import (
 )
 from sam3_train.model.checkpoint_io import listing
 from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
-from sam3_train.optim import Schedule, param_groups, schedule_factor
+from sam3_train.optim import LRSchedule, Schedule, param_groups
 from sam3_train.resume import ExactResume
 
 log = logging.getLogger(__name__)
@@ -383,8 +382,8 @@ class Sam3LitModule(L.LightningModule):
         # AdamW was ~10% of a CPU step: docs/benchmarks.md).
         optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=(0.9, 0.999), fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
-        factor = partial(schedule_factor, total_steps=total, kind=h.schedule, warmup_steps=h.warmup_steps,
-                         cooldown_steps=h.cooldown_steps, timescale=h.timescale)
+        factor = LRSchedule(total_steps=total, kind=h.schedule, warmup_steps=h.warmup_steps,
+                            cooldown_steps=h.cooldown_steps, timescale=h.timescale)
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -403,26 +402,22 @@ def _tensors(value: Any):
 
 def eval_targets(batch: Batch) -> list[dict[str, Any]]:
     """Batch targets in the metric's frame: the image content inside the input, pixels, xyxy."""
-    side = batch.images.shape[-1]
-    targets = []
-    for p, target in enumerate(batch.targets):
-        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
-        targets.append({
-            "masks": target["masks"][:, :h, :w],
-            "boxes": cxcywh_to_xyxy(target["boxes"].float()) * side,
-            "exhaustive": bool(target["exhaustive"]),
-        })
-    return targets
+    return [_in_content_frame(target, InputFrame.of(batch, int(batch.pair_image[p])))
+            for p, target in enumerate(batch.targets)]
 
 
 def cgf1_targets(batch: Batch, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``eval_targets`` as SA-Co scores them: the source's exhaustive flag (crowd regions are ignored,
     the pair still scored) and the other annotators' sets (``extra_sets``, SA-Co Gold)."""
-    side = batch.images.shape[-1]
     out = []
     for p, (raw, target) in enumerate(zip(batch.targets, targets)):
-        h, w = batch.image_sizes[int(batch.pair_image[p])].tolist()
-        extra = [{"masks": s["masks"][:, :h, :w], "boxes": cxcywh_to_xyxy(s["boxes"].float()) * side,
-                  "exhaustive": bool(s["exhaustive"])} for s in raw.get("extra_sets", [])]
+        frame = InputFrame.of(batch, int(batch.pair_image[p]))
+        extra = [_in_content_frame(s, frame) for s in raw.get("extra_sets", [])]
         out.append({**target, "exhaustive": bool(raw.get("eval_exhaustive", raw["exhaustive"])), "extra_sets": extra})
     return out
+
+
+def _in_content_frame(target: dict[str, Any], frame: InputFrame) -> dict[str, Any]:
+    """One annotation set (masks [n, S, S], normalised cxcywh boxes) in the content's pixels."""
+    return {"masks": frame.crop_content(target["masks"]), "boxes": frame.boxes_to_original(target["boxes"]),
+            "exhaustive": bool(target["exhaustive"])}

@@ -13,6 +13,9 @@ Schedules return a multiplier of each group's base learning rate for a step:
   1 / sqrt((step + timescale - warmup) / timescale), times a linear cool-down over the last steps;
 - ``cosine``: linear warm-up then half a cosine to zero;
 - ``constant``: linear warm-up then 1.
+
+:class:`LRSchedule` is the ``LambdaLR`` factor built from these settings; its ``total_steps`` is a
+public attribute, which ``callbacks.TimeBudget`` sets when it plans the run's length.
 """
 
 from __future__ import annotations
@@ -106,3 +109,39 @@ def schedule_factor(
     if warmup_steps:
         factor *= min(1.0, (step + 1) / warmup_steps)
     return factor
+
+
+class LRSchedule:
+    """``schedule(step)``: :func:`schedule_factor` at ``step`` with these settings, for ``LambdaLR``.
+
+    ``total_steps`` is public and may change during a run (``callbacks.TimeBudget`` sets it to the
+    planned step count): the next call follows the new length::
+
+        scheduler = LambdaLR(optimizer, LRSchedule(total_steps=40_000, kind="cosine", warmup_steps=1_000))
+    """
+
+    # ``LambdaLR.state_dict`` saves a callable's ``__dict__``, and ``load_state_dict`` restores it. The
+    # settings live in slots, so that ``__dict__`` stays empty: a resumed run's schedule comes from its
+    # config (a new ``max_steps`` included), as it did when the factor was a ``functools.partial``;
+    # TimeBudget keeps its own plan in its own state.
+    __slots__ = ("total_steps", "kind", "warmup_steps", "cooldown_steps", "timescale", "__dict__")
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        kind: Schedule = "inverse_sqrt",
+        warmup_steps: int = 0,
+        cooldown_steps: int = 0,
+        timescale: int | None = None,
+    ):
+        self.total_steps, self.kind = total_steps, kind
+        self.warmup_steps, self.cooldown_steps, self.timescale = warmup_steps, cooldown_steps, timescale
+
+    def __call__(self, step: int) -> float:
+        return schedule_factor(step, total_steps=self.total_steps, kind=self.kind, warmup_steps=self.warmup_steps,
+                               cooldown_steps=self.cooldown_steps, timescale=self.timescale)
+
+    def __repr__(self) -> str:
+        return (f"LRSchedule(total_steps={self.total_steps}, kind={self.kind!r}, warmup_steps={self.warmup_steps}, "
+                f"cooldown_steps={self.cooldown_steps}, timescale={self.timescale})")

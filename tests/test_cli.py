@@ -27,6 +27,8 @@ from pycocotools import mask as mask_utils
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Overlays go on top of a base file (`--config base.yaml --config overlay.yaml`) and are tested so.
+OVERLAYS = {"sam3_lora": "sam3_finetune"}
 SAM3_TRAIN = Path(sys.executable).with_name("sam3-train")
 DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 # pycocotools under numpy 2 warns on every decode; not ours to fix.
@@ -117,8 +119,27 @@ def _assert_kept(printed, source, where: str) -> None:
         assert printed == source, f"{where}: printed {printed!r}, file {source!r}"
 
 
-def _loads_pretrained(config: Path) -> bool:
-    return bool((yaml.safe_load(config.read_text()).get("model") or {}).get("pretrained"))
+def _stack(config: Path) -> list[Path]:
+    """The files a shipped config is used with, base first."""
+    base = OVERLAYS.get(config.stem)
+    return [config.with_name(f"{base}.yaml"), config] if base else [config]
+
+
+def _config_args(paths: list[Path]) -> list[str]:
+    return [arg for path in paths for arg in ("--config", str(path))]
+
+
+def _resolved(paths: list[Path]) -> dict:
+    """The files merged as the omegaconf parser mode does: each file's ${...} resolved within it, then
+    a later file's values over an earlier one's, a list replacing the whole list."""
+    merged = OmegaConf.create()
+    for path in paths:
+        merged = OmegaConf.merge(merged, OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    return OmegaConf.to_container(merged)
+
+
+def _loads_pretrained(paths: list[Path]) -> bool:
+    return any((yaml.safe_load(path.read_text()).get("model") or {}).get("pretrained") for path in paths)
 
 
 @pytest.fixture(scope="module")
@@ -151,29 +172,56 @@ def _metrics_rows(log_dir: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_parses_and_prints_its_values(config, capsys, monkeypatch):
     """--print_config (the CLI's own parser, in process: it exits before building anything) keeps every
-    value the file sets and resolves ${oc.env:...} interpolations."""
+    value the file sets (an overlay: over its base's, its lists replacing the base's whole lists) and
+    resolves ${oc.env:...} interpolations; every path the run writes lies under its default_root_dir."""
     from sam3_train.cli import main
 
+    stack = _stack(config)
     monkeypatch.setenv("SAM3_CHECKPOINT", "/checkpoints/sam3-test")
     monkeypatch.setattr(sys, "argv", ["sam3-train"])  # LightningCLI warns when pytest's argv is also there
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *_config_args(stack), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    source = OmegaConf.to_container(OmegaConf.load(config), resolve=True)  # as the omegaconf parser mode does
+    source = _resolved(stack)  # as the omegaconf parser mode does
     _assert_kept(printed, source, config.stem)
     loggers = [entry["class_path"] for entry in printed["trainer"]["logger"]]
     assert "lightning.pytorch.loggers.WandbLogger" in loggers
     assert printed["model"]["preset"] in ("tiny", "small", "sam3")
+    root = printed["trainer"]["default_root_dir"]
+    written = [entry["init_args"]["save_dir"] for entry in printed["trainer"]["logger"]]
+    written += [entry["init_args"]["dirpath"] for entry in printed["trainer"]["callbacks"]
+                if entry["class_path"].endswith("ModelCheckpoint")]
+    assert written and all(path == root or path.startswith(root + "/") for path in written), (root, written)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_is_its_base_plus_its_own_values(overlay):
+    """An overlay names its base and the two-file command in its header; it sets only what differs
+    from its base (values equal to the base's belong to the base alone)."""
+    path, base = REPO / "configs" / f"{overlay}.yaml", REPO / "configs" / f"{OVERLAYS[overlay]}.yaml"
+    text = path.read_text()
+    assert f"an overlay on configs/{base.name}" in text
+    assert f"--config configs/{base.name} --config configs/{path.name}" in text
+    base_cfg, own = yaml.safe_load(base.read_text()), yaml.safe_load(path.read_text())
+
+    def same(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [w for key in b if key in a for w in same(a[key], b[key], f"{where}.{key}")]
+        return [where] if a == b and not isinstance(b, list) else []
+
+    assert not same(base_cfg, own, overlay), "repeats its base"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_shrunk_to_its_schema_trains_a_step(config, shapes_root, tiny_checkpoint, tmp_path):
-    """Every config, shrunk to the tiny preset at 112 px on the session's shapes data (its schema,
-    callbacks, loggers, optimiser and schedule settings kept), trains one step and validates."""
-    pretrained = tiny_checkpoint if _loads_pretrained(config) else None
-    out = _run(["fit", "--config", str(_config_into(config, tmp_path)), "--trainer.fast_dev_run=1",
+    """Every config (an overlay over its base), shrunk to the tiny preset at 112 px on the session's shapes
+    data (its schema, callbacks, loggers, optimiser and schedule settings kept), trains one step and
+    validates."""
+    stack = _stack(config)
+    pretrained = tiny_checkpoint if _loads_pretrained(stack) else None
+    out = _run(["fit", *_config_args([_config_into(path, tmp_path) for path in stack]), "--trainer.fast_dev_run=1",
                 *_small(shapes_root, pretrained)], tmp_path)
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in out
 

@@ -93,6 +93,29 @@ def test_shards_are_cached(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing rewritten
 
 
+def test_a_split_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two processes build the same cache: the one whose rename comes second keeps the first one's
+    folder when its manifest matches, removes its own, and raises when it does not match."""
+    import shutil
+
+    from sam3_train.data import shapes
+
+    done = tmp_path / "done"
+    ensure_shapes_shards(done, splits={"val": 8}, image_size=64, max_count=10)
+    real_replace = shapes.replace_dir
+
+    def other_process_first(tmp, final):
+        shutil.copytree(done / "shards" / "val", final)  # the other process's rename lands first
+        real_replace(tmp, final)
+
+    monkeypatch.setattr(shapes, "replace_dir", other_process_first)
+    pattern = ensure_shapes_shards(tmp_path, splits={"val": 8}, image_size=64, max_count=10)["val"]
+    assert pattern == str(tmp_path / "shards" / "val" / "shapes-{000000..000007}.tar")
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["val"]  # our temporary folder is gone
+    with pytest.raises(OSError):  # the other process built different parameters: not ours to keep
+        ensure_shapes_shards(tmp_path / "other", splits={"val": 8}, image_size=32, max_count=10)
+
+
 def test_datamodule_on_shapes(tmp_path):
     dm = Sam3DataModule(shapes_root=str(tmp_path), shapes_splits=SPLITS, shapes_image_size=64, image_size=64,
                         batch_size=4, num_workers=0, max_phrases_per_image=4, negative_share=0.5,

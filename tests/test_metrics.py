@@ -622,3 +622,12 @@ def test_metrics_under_real_ddp_with_uneven_ranks(tmp_path):
         assert got.keys() == expected.keys()
         for key in expected:
             assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-12, abs=1e-12), (rank, key)
+
+
+@pytest.mark.parametrize("metric", [CGF1, CocoMeanAveragePrecision])
+def test_iou_types_are_checked_once_for_both_metrics(metric):
+    """One IouType: both metrics take segm and/or bbox (repeats dropped, order kept) and name anything else."""
+    assert metric(iou_types=("bbox", "segm", "bbox")).iou_types == ("bbox", "segm")
+    for bad in ((), ("segm", "mask")):
+        with pytest.raises(ValueError, match=r"iou_types must be a non-empty subset of \('segm', 'bbox'\)"):
+            metric(iou_types=bad)

@@ -43,18 +43,16 @@ def test_matmul_rate_is_a_plausible_number():
 
 def test_time_budget_plans_the_steps_the_budget_holds_and_stretches_the_schedule(monkeypatch, capsys):
     """A 60 s budget: two 5 s warm-up steps, then 0.5 s steps; a 6 s validation at step 50 every 50 steps."""
-    from functools import partial
-
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
     from sam3_train.callbacks import TimeBudget
-    from sam3_train.optim import schedule_factor
+    from sam3_train.optim import LRSchedule, schedule_factor
 
     clock = Clock()
     monkeypatch.setattr(callbacks.time, "perf_counter", clock)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = LambdaLR(optimizer, partial(schedule_factor, total_steps=1000, kind="cosine"))
+    scheduler = LambdaLR(optimizer, LRSchedule(total_steps=1000, kind="cosine"))
     trainer = SimpleNamespace(global_step=0, max_steps=1000, is_global_zero=True, sanity_checking=False,
                               should_stop=False, val_check_batch=50, limit_val_batches=1.0,
                               lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
@@ -76,8 +74,25 @@ def test_time_budget_plans_the_steps_the_budget_holds_and_stretches_the_schedule
     out = capsys.readouterr().out
     assert "training stops at step 102" in out and "training stops at step 72" in out
     assert trainer.global_step == budget.planned_steps == 72
-    assert scheduler.lr_lambdas[0].keywords["total_steps"] == 72
+    assert scheduler.lr_lambdas[0].total_steps == 72
     assert optimizer.param_groups[0]["lr"] == pytest.approx(schedule_factor(72, total_steps=72, kind="cosine"))
     assert optimizer.param_groups[0]["lr"] < 1e-3  # the cosine ended with the budget
     state = budget.state_dict()
     assert state["planned_steps"] == 72 and state["spent"] == pytest.approx(clock.now - 100.0)
+
+    # Resumed from a checkpoint: a fresh schedule of the config's length, the saved scheduler, optimizer
+    # and budget states; the budget's plan puts the schedule back on the stretched curve.
+    resumed_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed_scheduler = LambdaLR(resumed_optimizer, LRSchedule(total_steps=1000, kind="cosine"))
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed_scheduler.load_state_dict(scheduler.state_dict())
+    resumed = TimeBudget(minutes=1.0, skip=2, measure=6)
+    resumed.load_state_dict(state)
+    resumed.on_train_start(SimpleNamespace(global_step=72, lr_scheduler_configs=[SimpleNamespace(scheduler=resumed_scheduler)]),
+                           None)
+    assert resumed_scheduler.lr_lambdas[0].total_steps == 72
+    for opt, sched in ((optimizer, scheduler), (resumed_optimizer, resumed_scheduler)):
+        opt.step()
+        sched.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert LRSchedule(total_steps=1000, kind="cosine")(73) > 0.9  # what the resumed run would have used unplanned

@@ -9,7 +9,7 @@ import torch
 
 from sam3_train.data import Batch
 from sam3_train.lit import Sam3LitModule, eval_targets
-from sam3_train.optim import param_groups, schedule_factor
+from sam3_train.optim import LRSchedule, param_groups, schedule_factor
 
 
 def test_param_groups_follow_sam3_fine_tuning():
@@ -61,6 +61,66 @@ def test_inverse_sqrt_schedule_matches_meta_formula():
     assert schedule_factor(950, **kw) == pytest.approx(1 / math.sqrt((950 + 10) / 20) * 50 / 100)
     assert schedule_factor(1000, **kw) == 0.0
     assert schedule_factor(500, total_steps=1000, kind="cosine", warmup_steps=0) == pytest.approx(0.5)
+
+
+def _hand_factor(step, *, total, kind, warmup=0, cooldown=0, timescale=None):
+    """The schedule written out per case: warm-up ramp (step + 1) / warmup, then the kind's curve."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup else None
+    if kind == "constant":
+        factor = 1.0
+    elif kind == "cosine":
+        progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
+    else:  # inverse_sqrt, then the linear cool-down over the last `cooldown` steps
+        timescale = timescale or max(warmup, 1)
+        factor = 1.0 / math.sqrt((step + timescale - warmup) / timescale) if step > warmup else 1.0
+        if cooldown:
+            factor *= max(0.0, min(1.0, (total - step) / cooldown))
+    return factor * ramp if ramp is not None else factor
+
+
+@pytest.mark.parametrize("settings", [
+    dict(kind="constant", warmup_steps=7),
+    dict(kind="cosine", warmup_steps=0),
+    dict(kind="cosine", warmup_steps=10),
+    dict(kind="inverse_sqrt", warmup_steps=10, cooldown_steps=25, timescale=20),
+    dict(kind="inverse_sqrt", warmup_steps=0, cooldown_steps=0),
+], ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_lr_schedule_object_gives_the_formula_at_every_step_and_follows_a_new_length(settings):
+    """LRSchedule(step) equals the function it replaced inside a functools.partial, bit for bit, and the
+    hand-written curve; setting ``total_steps`` moves the curve's end (TimeBudget's public handle)."""
+    from functools import partial
+
+    schedule = LRSchedule(total_steps=100, **settings)
+    before = partial(schedule_factor, total_steps=100, **settings)  # the factor lit.py built before
+    hand = dict(kind=settings["kind"], warmup=settings["warmup_steps"], cooldown=settings.get("cooldown_steps", 0),
+                timescale=settings.get("timescale"))
+    for step in range(0, 121):
+        assert schedule(step) == before(step)
+        assert schedule(step) == pytest.approx(_hand_factor(step, total=100, **hand), rel=1e-12, abs=0)
+    schedule.total_steps = 60
+    for step in range(0, 70):
+        assert schedule(step) == schedule_factor(step, total_steps=60, **settings)
+        assert schedule(step) == pytest.approx(_hand_factor(step, total=60, **hand), rel=1e-12, abs=0)
+    if settings["kind"] == "cosine":
+        assert schedule(60) == 0.0 and schedule(30 + settings["warmup_steps"] // 2) == pytest.approx(0.5)
+
+
+def test_lr_schedule_keeps_its_settings_out_of_the_scheduler_state():
+    """As with the partial it replaced, LambdaLR's state_dict holds no schedule settings: a resumed run
+    takes its length from its own config (TimeBudget keeps its plan in its own state)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = LambdaLR(optimizer, LRSchedule(total_steps=100, kind="cosine"))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    assert state["lr_lambdas"] == [{}] and state["last_epoch"] == 5
+    fresh = LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), LRSchedule(total_steps=400, kind="cosine"))
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].total_steps == 400
 
 
 def test_eval_targets_are_pixels_in_the_content_frame():

@@ -27,8 +27,8 @@ from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenc
 
 from sam3_train.data import Batch
 from sam3_train.data import rle as rle_ops
+from sam3_train.data.frame import InputFrame
 from sam3_train.model import Sam3Detector, build_detector, postprocess
-from sam3_train.model.postprocess import _logits_to_original
 from sam3_train.video.cpu_ops import CpuVisionOps
 from sam3_train.video.evaluate import evaluate_masklets, identity_consistency, match_frame
 from sam3_train.video.frames import FrameFolder, model_inputs, open_frames, to_model_input
@@ -162,7 +162,8 @@ def test_detections_in_the_video_model_equal_the_image_path(model, clip):
         torch.testing.assert_close(det["scores"][order], ref["scores"], atol=1e-6, rtol=0)
         boxes = (det["bbox"][order] * SIDE).clamp(0, SIDE)
         torch.testing.assert_close(boxes, ref["boxes"], atol=1e-3, rtol=0)
-        logits = _logits_to_original(det["mask"][order], SIDE, (SIDE, SIDE), (SIDE, SIDE))
+        square = InputFrame(side=SIDE, content=(SIDE, SIDE), original=(SIDE, SIDE))
+        logits = square.mask_logits_to_original(det["mask"][order])
         torch.testing.assert_close(logits, ref["mask_logits"], atol=1e-4, rtol=1e-4)
     assert len(captured[0][0]["scores"]) == 10
     # transformers' own Sam3Model in the video model skips the exemplar encoder for text prompts:

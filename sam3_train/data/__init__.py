@@ -5,6 +5,7 @@ from sam3_train.data.collate import Collator
 from sam3_train.data.convert_coco import convert_coco
 from sam3_train.data.convert_images import convert_images
 from sam3_train.data.convert_saco import convert_saco
+from sam3_train.data.frame import InputFrame
 from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.schema import SampleError
 from sam3_train.data.shapes import ensure_shapes_shards
@@ -14,6 +15,7 @@ from sam3_train.data.transforms import eval_transforms, train_transforms
 __all__ = [
     "Batch",
     "Collator",
+    "InputFrame",
     "SampleError",
     "Sam3DataModule",
     "ShardSink",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sam3_train.atomic import fsync_file, replace_dir
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.schema import make_key, query
 from sam3_train.data.shards import ShardSink
@@ -192,8 +193,8 @@ def ensure_shapes_shards(
     Each split gets at least 8 shards (at most ``max_count`` images each), so 8 ranks x workers
     can share even the small ones.
     A ``manifest.json`` per split records the parameters; a matching one makes this call instant.
-    Each split is written to a temporary folder and renamed, so an interrupted run leaves no
-    half-written cache. Returns {split: brace pattern}.
+    Each split is written to a temporary folder, fsync'ed and renamed (``atomic.replace_dir``), so an
+    interrupted run or a power loss leaves no half-written cache. Returns {split: brace pattern}.
     """
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     patterns = {}
@@ -214,9 +215,11 @@ def ensure_shapes_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         pattern = write_split(tmp, seed=params["seed"], count=count, image_size=image_size, max_count=per_shard, progress=progress)
         (tmp / "manifest.json").write_text(json.dumps({"params": params, "pattern": Path(pattern).name}, indent=1))
+        for path in tmp.iterdir():  # the shards and the manifest reach the disk before the rename publishes them
+            fsync_file(path)
         shutil.rmtree(out, ignore_errors=True)
         try:
-            tmp.rename(out)
+            replace_dir(tmp, out)
         except OSError:  # another process finished the same split first: keep theirs if it matches
             shutil.rmtree(tmp, ignore_errors=True)
             if not (manifest.is_file() and json.loads(manifest.read_text()).get("params") == params):

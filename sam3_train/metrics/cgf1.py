@@ -40,14 +40,14 @@ best-of-sets choice is made per pair in ``update``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
-from sam3_train.metrics.iou import box_iou_coco, mask_iou
+from sam3_train.metrics.iou import METRIC_PREFIX, IouType, box_iou_coco, checked_iou_types, mask_iou
 
 # COCO's IoU thresholds, built exactly as pycocotools' Params (which Meta's evaluator inherits) does.
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -56,9 +56,6 @@ _IL_EPS = 1e-6  # Meta's epsilon in the image-level metrics (IL_MCC: outside the
 
 # (has predictions, has targets) -> index into the IL counts (TP, FP, TN, FN)
 _IL_INDEX = {(True, True): 0, (True, False): 1, (False, False): 2, (False, True): 3}
-
-IouType = Literal["segm", "bbox"]
-_PREFIX = {"segm": "", "bbox": "box_"}
 
 
 def match_tp(ious: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
@@ -160,9 +157,7 @@ class CGF1(Metric):
             kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
         """
         super().__init__(**kwargs)
-        if not iou_types or any(t not in _PREFIX for t in iou_types):
-            raise ValueError(f"iou_types must be a non-empty subset of {tuple(_PREFIX)}; got {iou_types!r}")
-        self.iou_types = tuple(dict.fromkeys(iou_types))
+        self.iou_types = checked_iou_types(iou_types)
         self.score_threshold = score_threshold
         n_thr = len(IOU_THRESHOLDS)
         self.add_state("num_skipped", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -236,7 +231,7 @@ class CGF1(Metric):
 
     @staticmethod
     def _counts(
-        iou_type: str, pred: dict[str, torch.Tensor], keep: torch.Tensor, n: int, gt: torch.Tensor
+        iou_type: IouType, pred: dict[str, torch.Tensor], keep: torch.Tensor, n: int, gt: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(TP, FP, FN) [T] int64 and m of the kept predictions against one set's targets ``gt``."""
         m = len(gt)
@@ -255,7 +250,7 @@ class CGF1(Metric):
         out: dict[str, float] = {"num_skipped": float(self.num_skipped)}
         i50, i75 = (int(np.flatnonzero(IOU_THRESHOLDS == v)[0]) for v in (0.5, 0.75))
         for t in self.iou_types:
-            p = _PREFIX[t]
+            p = METRIC_PREFIX[t]
             il_tp, il_fp, il_tn, il_fn = (int(v) for v in getattr(self, f"{t}_il"))
             out["num_pairs"] = float(il_tp + il_fp + il_tn + il_fn)
             il_mcc = mcc(il_tp, il_fp, il_tn, il_fn)

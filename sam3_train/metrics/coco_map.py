@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +27,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
 
-from sam3_train.metrics.iou import box_xyxy_to_coco
+from sam3_train.metrics.iou import METRIC_PREFIX, IouType, box_xyxy_to_coco, checked_iou_types
 
-IouType = Literal["segm", "bbox"]
-_PREFIX = {"segm": "", "bbox": "box_"}
 _CATEGORY = 1  # the single category of every pair
 
 
@@ -80,11 +78,9 @@ class CocoMeanAveragePrecision(Metric):
             kwargs: torchmetrics ``Metric`` options (``process_group`` is used for the gather).
         """
         super().__init__(**kwargs)
-        if not iou_types or any(t not in _PREFIX for t in iou_types):
-            raise ValueError(f"iou_types must be a non-empty subset of {tuple(_PREFIX)}; got {iou_types!r}")
+        self.iou_types = checked_iou_types(iou_types)
         if len(max_detections) != 3:
             raise ValueError(f"max_detections needs COCO's three values, e.g. (1, 10, 100); got {max_detections!r}")
-        self.iou_types = tuple(dict.fromkeys(iou_types))
         self.max_detections = sorted(int(d) for d in max_detections)
         self.exhaustive_only = exhaustive_only
         self._pairs: list[dict[str, Any]] = []
@@ -140,11 +136,11 @@ class CocoMeanAveragePrecision(Metric):
         out: dict[str, float] = {"map_num_pairs": float(len(pairs)), "map_num_skipped": float(skipped)}
         for t in self.iou_types:
             stats = self._evaluate(pairs, t) if pairs else [-1.0] * 3
-            p = _PREFIX[t]
+            p = METRIC_PREFIX[t]
             out[f"{p}mAP"], out[f"{p}mAP@50"], out[f"{p}mAP@75"] = (float(s) for s in stats[:3])
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
-    def _evaluate(self, pairs: list[dict[str, Any]], iou_type: str) -> list[float]:
+    def _evaluate(self, pairs: list[dict[str, Any]], iou_type: IouType) -> list[float]:
         images, gts, dts = [], [], []
         for image_id, pair in enumerate(pairs, start=1):
             segm = iou_type == "segm"

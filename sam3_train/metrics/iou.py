@@ -22,7 +22,22 @@ The data engine's verifiers compare each instance with its own counterpart (n pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
+
+# What an IoU is computed on: masks ("segm") or boxes ("bbox"), pycocotools' names.
+IouType = Literal["segm", "bbox"]
+# Each IoU type's prefix in metric names: masks give the headline names (cgF1, mAP), boxes box_cgF1, box_mAP.
+METRIC_PREFIX: dict[IouType, str] = {"segm": "", "bbox": "box_"}
+
+
+def checked_iou_types(iou_types: Sequence[str]) -> tuple[IouType, ...]:
+    """``iou_types`` in their order without repeats; ValueError unless a non-empty subset of segm, bbox."""
+    if not iou_types or any(t not in METRIC_PREFIX for t in iou_types):
+        raise ValueError(f"iou_types must be a non-empty subset of {tuple(METRIC_PREFIX)}; got {iou_types!r}")
+    return tuple(dict.fromkeys(iou_types))
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,18 +2,17 @@
 
 Score = sigmoid(class logit) x sigmoid(presence logit). The model sees the image resized so that its
 content (``image_sizes``, h x w) sits at the top-left of an S x S input (the eval-time transform);
-boxes and masks are mapped from that frame back to each image's original size. Evaluation,
-prediction and the data engine's propose step all go through :func:`postprocess`, so they cannot
-map a box or a mask differently.
+boxes and masks are mapped from that frame back to each image's original size by
+:class:`sam3_train.data.frame.InputFrame`. Evaluation, prediction and the data engine's propose step
+all go through :func:`postprocess`, so they cannot map a box or a mask differently.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from sam3_train.box_ops import cxcywh_to_xyxy
 from sam3_train.data.batch import Batch
+from sam3_train.data.frame import InputFrame
 
 
 def detection_scores(outputs: dict) -> torch.Tensor:
@@ -45,40 +44,21 @@ def postprocess(
     scores = detection_scores(outputs)
     presence = outputs["presence_logit"].sigmoid()
     masks = outputs.get("pred_masks")
-    side = batch.images.shape[-1]
-    if original_sizes is None:
-        original_sizes = batch.image_sizes
     results = []
     for p in range(scores.shape[0]):
-        image = int(batch.pair_image[p])
-        (h, w), (height, width) = batch.image_sizes[image].tolist(), original_sizes[image].tolist()
+        frame = InputFrame.of(batch, int(batch.pair_image[p]), original_sizes)
         order = scores[p].argsort(descending=True, stable=True)
         order = order[scores[p, order] >= score_threshold]
         if max_detections is not None:
             above = int((scores[p, order] >= keep_above).sum()) if keep_above is not None else 0
             order = order[: max(max_detections, above)]
-        boxes = cxcywh_to_xyxy(outputs["pred_boxes"][p, order].float())
-        scale = boxes.new_tensor([width / w, height / h, width / w, height / h]) * side
-        boxes = boxes * scale
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        boxes = frame.boxes_to_original(outputs["pred_boxes"][p, order], clamp=True)
         result = {"scores": scores[p, order], "boxes": boxes, "presence": presence[p]}
         if masks is not None:
-            logits = _logits_to_original(masks[p, order], side, (h, w), (height, width))
+            logits = frame.mask_logits_to_original(masks[p, order])
             result["masks"] = logits > mask_threshold
             if mask_logits:
                 result["mask_logits"] = logits
         results.append(result)
     return results
 
-
-def _logits_to_original(
-    logits: torch.Tensor, side: int, content: tuple[int, int], original: tuple[int, int]
-) -> torch.Tensor:
-    """[n, h, w] logits at mask resolution -> [n, H, W] float32 logits at the original size (input
-    frame, crop the content, resize)."""
-    if logits.shape[0] == 0:
-        return torch.zeros(0, *original, dtype=torch.float32, device=logits.device)
-    full = F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
-    full = full[:, :, : content[0], : content[1]]
-    return F.interpolate(full, size=original, mode="bilinear", align_corners=False)[:, 0]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sam3_train.data import rle as rle_ops
-from sam3_train.model.postprocess import _logits_to_original  # the image path's mask mapping
+from sam3_train.data.frame import InputFrame  # the image path's mask mapping
 from sam3_train.video.session import DelayedFrame
 from sam3_train.visualize import palette
 
@@ -48,8 +48,8 @@ class Masklets:
 def frame_masklets(frame: DelayedFrame, *, image_size: int, height: int, width: int) -> Masklets:
     """Masks of the objects shown on ``frame`` at (height, width).
 
-    Low-res logits are mapped as the image path maps its masks (``postprocess``: to S x S, then to
-    the video's size), thresholded at 0; hidden ids and empty masks are dropped, and where masks of
+    Low-res logits are mapped as the image path maps its masks (``data.frame.InputFrame``: to S x S,
+    then to the video's size), thresholded at 0; hidden ids and empty masks are dropped, and where masks of
     one phrase overlap the pixel goes to the object with the higher tracker score, as transformers'
     ``Sam3VideoProcessor.postprocess_outputs`` does.
     """
@@ -58,7 +58,9 @@ def frame_masklets(frame: DelayedFrame, *, image_size: int, height: int, width: 
     if not ids:
         return Masklets([], [], torch.zeros(0), torch.zeros(0, height, width, dtype=torch.bool), torch.zeros(0, 4))
     logits = torch.cat([out.obj_id_to_mask[i] for i in ids]).float().cpu()  # [n, h, w]
-    masks = _logits_to_original(logits, image_size, (image_size, image_size), (height, width)) > 0
+    # the tracker's frames fill the whole square input: the content is all of it
+    square = InputFrame(side=image_size, content=(image_size, image_size), original=(height, width))
+    masks = square.mask_logits_to_original(logits) > 0
     keep = masks.flatten(1).any(1).tolist()
     ids = [i for i, k in zip(ids, keep) if k]
     masks = masks[torch.tensor(keep, dtype=torch.bool)]
