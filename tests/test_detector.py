@@ -308,25 +308,40 @@ def test_released_video_layout_loads(detector, tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in detector.state_dict().items())
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     det = build_detector("tiny", dropout=0.0).train()
     batch = make_batch(det, [PHRASES[:2], PHRASES[2:]])
+    # Modules whose forward runs twice (forward + recompute in backward) when checkpointed. Pre-hooks: the
+    # recompute stops once it has what backward needs (torch's early stop), before a forward hook would run.
+    recomputed = {"vit": det.vision_encoder.backbone.layers[0].attention, "detr_encoder": det.detr_encoder.layers[0],
+                  "decoder": det.detr_decoder.layers[0].self_attn, "mask_decoder": det.mask_decoder,
+                  "text": det.text_encoder.text_model.encoder.layers[0].self_attn}
+    calls = dict.fromkeys(recomputed, 0)
+    for name, module in recomputed.items():
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
 
-    def grads():
+    def step():
         det.zero_grad()
+        calls.update(dict.fromkeys(calls, 0))
         out = det(batch)
-        (out["pred_logits"].sum() + out["pred_masks"].mean() + out["o2m"]["pred_boxes"].sum()
-         + out["presence_logit"].sum()).backward()
-        return {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}
+        loss = (out["pred_logits"].sum() + out["pred_masks"].mean() + out["o2m"]["pred_boxes"].sum()
+                + out["presence_logit"].sum())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}, dict(calls)
 
-    plain = grads()
+    plain_loss, plain, plain_calls = step()
     det.set_activation_checkpointing(True)
-    ckpt = grads()
+    ckpt_loss, ckpt, ckpt_calls = step()
+    assert plain_calls == dict.fromkeys(recomputed, 1)
+    assert ckpt_calls == {"vit": 2, "detr_encoder": 2, "decoder": 2, "mask_decoder": 2, "text": 1}  # text: as before
+    assert torch.equal(plain_loss, ckpt_loss)
     assert plain.keys() == ckpt.keys()
     assert any(n.startswith("vision_encoder.backbone.layers") for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], atol=1e-5, rtol=1e-4, msg=name)
+    det.set_activation_checkpointing(False)
+    assert step()[2] == plain_calls
 
 
 def test_postprocess_maps_to_original_pixels():

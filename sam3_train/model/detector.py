@@ -36,7 +36,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import Sam3Config, Sam3Model
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer
 
 from sam3_train.data.batch import Batch
 from sam3_train.model import checkpoint_io
@@ -76,6 +75,10 @@ class Sam3Detector(Sam3Model):
             init leaves the heads ignoring their input (a presence logit constant across pairs) and
             starts every query at the same box.
     """
+
+    # transformers' flag for activation_checkpointing_enable (Sam3Model leaves it False); its only
+    # checkpointing layers are the ViT blocks and CLIP's, which run under torch.utils.checkpoint unchanged.
+    supports_gradient_checkpointing = True
 
     def __init__(
         self,
@@ -165,11 +168,21 @@ class Sam3Detector(Sam3Model):
         reference[:, :2] = torch.logit(centres.to(reference.dtype))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the ViT blocks, the DETR encoder and decoder layers and the mask decoder in backward.
+
+        The ViT runs transformers' own forward: its blocks are switched through transformers' public
+        ``activation_checkpointing_enable`` (``torch.utils.checkpoint(use_reentrant=False)`` around each
+        block; ``gradient_checkpointing_enable`` is its deprecated alias in transformers 5). That switch
+        also reaches CLIP's text blocks, which run once per distinct phrase and stay as they were. The
+        DETR encoder, decoder and mask decoder run in our own pair-batched loops, which read
+        ``self.activation_checkpointing``.
+        """
         self.activation_checkpointing = enabled
-        for module in self.vision_encoder.modules():
-            if isinstance(module, Sam3ViTLayer):
-                module.gradient_checkpointing = enabled
-                module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        if enabled:
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.text_encoder.activation_checkpointing_disable()
+        else:
+            self.activation_checkpointing_disable()
 
     def freeze_unused_parameters(self) -> None:
         """``requires_grad=False`` for the weights SAM 3's forward never reads, so plain DDP works.
