@@ -264,6 +264,16 @@ def test_save_and_from_pretrained_round_trip(detector, tmp_path):
     assert all(torch.equal(hf_state[k], v) for k, v in detector.state_dict().items())
 
 
+def test_from_pretrained_initialises_nothing_it_overwrites(detector, tmp_path):
+    detector.save_pretrained(tmp_path)
+    before = torch.get_rng_state()
+    loaded = Sam3Detector.from_pretrained(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)  # no weight was drawn at random, to be overwritten
+    assert loaded.training and all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    frozen = lambda m: {n for n, p in m.named_parameters() if not p.requires_grad}  # noqa: E731
+    assert frozen(loaded) == frozen(detector) != set()  # the weights SAM 3's forward never reads
+
+
 def test_missing_and_unexpected_keys_are_named(detector, tmp_path):
     detector.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -302,7 +312,8 @@ def test_released_video_layout_loads(detector, tmp_path):
               "model-00002-of-00002.safetensors": keys[half:] + ["tracker_model.memory.weight"]}
     for name, names in shards.items():
         save_file({k: state[k] for k in names}, tmp_path / name)
-    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},  # as released
+             "weight_map": {k: name for name, names in shards.items() for k in names}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     loaded = Sam3Detector.from_pretrained(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in detector.state_dict().items())

@@ -384,11 +384,22 @@ class Sam3Detector(Sam3Model):
         directory = checkpoint_io.check_directory(directory)
         config = checkpoint_io.read_config(directory)
         tokenizer = kwargs.pop("tokenizer", None) or Sam3Tokenizer.from_dir_or_open_clip(directory)
-        kwargs.setdefault("init", "transformers")  # the cheapest: every weight is overwritten next
-        detector = cls(config, tokenizer=tokenizer, **kwargs)
-        state = checkpoint_io.read_detector_state(directory)
-        checkpoint_io.load_state_strict(detector, state, source=directory)
-        return detector
+        kwargs.setdefault("init", "transformers")  # never drawn: the loader builds on the meta device
+        # transformers' own loader: it builds the model on the meta device (no random init of weights that
+        # are overwritten next: 840 M at the released size), reads sharded files, strips the released
+        # layout's ``detector_model.`` prefix and skips its tracker weights (Sam3Model's base_model_prefix
+        # and _keys_to_ignore_on_load_unexpected). Its strictness is not ours: a missing key is initialised
+        # at random with a warning and a misshapen one raises a generic error after a printed table. So it
+        # only reports them (ignore_mismatched_sizes, output_loading_info), and we fail with one message.
+        detector, info = super().from_pretrained(
+            directory, config=config, tokenizer=tokenizer, dtype=torch.float32, local_files_only=True,
+            ignore_mismatched_sizes=True, output_loading_info=True, **kwargs,
+        )
+        problems = checkpoint_io.loading_problems(info)
+        if problems:
+            raise KeyError(checkpoint_io.mismatch_message(directory, problems))
+        detector.freeze_unused_parameters()  # the loaded weights are new Parameters, all requiring grad
+        return detector.train()  # transformers hands back eval mode; a module starts in train mode
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:  # type: ignore[override]
         """config.json + model.safetensors (readable by ``transformers.Sam3Model.from_pretrained``) + tokenizer."""
