@@ -220,17 +220,16 @@ class Sam3LitModule(L.LightningModule):
                 self.log("train/skipped_samples", float(skipped), batch_size=size)
         return loss
 
-    def _logs_this_step(self, *, stepped: bool = False) -> bool:
+    def _logs_this_step(self) -> bool:
         """Whether the loggers write this step's values (every ``log_every_n_steps``, as Lightning
         decides it). Per-term losses, learning rates and counters are handed to ``self.log`` only then:
         its ~45 calls a step were ~9% of a small CPU step (docs/benchmarks.md); ``train/loss`` (the
-        progress bar) goes every step. ``stepped``: asked after the optimiser step, when
-        ``global_step`` has already moved past this batch."""
+        progress bar) goes every step. Asked before the optimiser step (``SkipNonFinite`` asks the same
+        after it, when ``global_step`` has moved past the batch)."""
         if self._trainer is None:
             return True
         every = max(1, self.trainer.log_every_n_steps)
-        step = self.trainer.global_step + (0 if stepped else 1)
-        return step % every == 0 or self.trainer.should_stop
+        return (self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._logs_this_step():
