@@ -8,9 +8,9 @@ post-processing to the input frame, cgF1 (masks and boxes), COCO mAP and presenc
 ``val/<name>`` / ``test/<name>``. Prediction returns post-processed detections per pair.
 
 Non-finite steps: when the loss of any micro-batch or any gradient is NaN or infinite (on any rank),
-the optimiser step is skipped (gradients dropped before it, so neither weights nor AdamW moments
-change; the schedule still advances), counted as ``train/skipped_steps`` and named in a warning with
-the batch sample keys. ``max_consecutive_skipped_steps`` in a row stop training with an error.
+the optimiser step is skipped, counted as ``train/skipped_steps`` and named in a warning; the module
+adds :class:`~sam3_train.nonfinite.SkipNonFinite` to its Trainer (``configure_callbacks``) unless one is
+there, and ties a NaN loss to non-finite outputs so that backward still runs on every rank.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from sam3_train.model import (
     set_vit_drop_path,
     state_mismatch,
 )
-from sam3_train.model.checkpoint_io import listing
+from sam3_train.model import lora as lora_ckpt
 from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
+from sam3_train.nonfinite import SkipNonFinite
 from sam3_train.optim import LRSchedule, Schedule, param_groups
 from sam3_train.resume import ExactResume
 
 log = logging.getLogger(__name__)
-LORA_KEY = "sam3_lora"  # adapter checkpoints: the base's pretrained path and fingerprint
 
 
 class Sam3LitModule(L.LightningModule):
@@ -76,7 +76,8 @@ class Sam3LitModule(L.LightningModule):
         max_detections: detections per pair kept for prediction and mAP (cgF1 also reads every
             detection above its 0.5 threshold, as Meta's evaluator scores every query).
         max_consecutive_skipped_steps: optimiser steps in a row skipped for a non-finite loss or
-            gradient after which training stops with an error (None: never stop).
+            gradient after which training stops with an error (None: never stop); the limit of the
+            ``SkipNonFinite`` callback this module adds.
     """
 
     def __init__(
@@ -158,10 +159,6 @@ class Sam3LitModule(L.LightningModule):
             self.detector.freeze_mask_path()
         self.val_metrics = self._metrics()
         self.test_metrics = self._metrics()
-        self.skipped_steps = 0  # optimiser steps skipped for non-finite values, in the whole run
-        self.skipped_in_a_row = 0
-        self._nonfinite_loss = False  # since the last optimiser step (any micro-batch of the window)
-        self._step_keys: list[str] = []
 
     def setup(self, stage: str) -> None:
         """Refuse data at another resolution than the model's (e.g. a --ckpt_path whose settings
@@ -176,8 +173,17 @@ class Sam3LitModule(L.LightningModule):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        present = self._trainer is not None and any(isinstance(c, ExactResume) for c in self.trainer.callbacks)
-        return [] if present else [ExactResume()]
+        """What this module's training relies on, in every Trainer (the CLI's, the engine's, a test's),
+        unless the Trainer has its own: exact resumption and the skipping of non-finite steps (which the
+        NaN loss of ``training_step`` counts on)."""
+        present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        callbacks: list[L.Callback] = []
+        if not any(issubclass(t, ExactResume) for t in present):
+            callbacks.append(ExactResume())
+        if not any(issubclass(t, SkipNonFinite) for t in present):
+            callbacks.append(SkipNonFinite(max_consecutive=self.hparams.max_consecutive_skipped_steps,
+                                           limit_setting="model.max_consecutive_skipped_steps"))
+        return callbacks
 
     @staticmethod
     def _metrics() -> torch.nn.ModuleDict:
@@ -195,10 +201,9 @@ class Sam3LitModule(L.LightningModule):
         tensors = [t for t in _tensors(outputs) if t.is_floating_point()]
         if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             # The matchers cannot assign targets to NaN predictions. A NaN loss tied to every output still
-            # runs backward (under DDP every rank must reach the gradient all-reduce); the step is skipped.
-            self._nonfinite_loss = True
+            # runs backward (under DDP every rank must reach the gradient all-reduce); SkipNonFinite skips the step.
             tied = [t.sum() for t in tensors if t.requires_grad]
-            if not tied:  # nothing to train through
+            if not tied:  # nothing to train through: no backward, which SkipNonFinite counts as non-finite
                 return None
             loss = torch.stack(tied).sum() * float("nan")
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
@@ -212,60 +217,23 @@ class Sam3LitModule(L.LightningModule):
             skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer else None
             if skipped is not None:
                 self.log("train/skipped_samples", float(skipped), batch_size=size)
-        if not bool(torch.isfinite(loss.detach())):
-            self._nonfinite_loss = True
         return loss
 
-    def _logs_this_step(self, *, stepped: bool = False) -> bool:
+    def _logs_this_step(self) -> bool:
         """Whether the loggers write this step's values (every ``log_every_n_steps``, as Lightning
         decides it). Per-term losses, learning rates and counters are handed to ``self.log`` only then:
         its ~45 calls a step were ~9% of a small CPU step (docs/benchmarks.md); ``train/loss`` (the
-        progress bar) goes every step. ``stepped``: asked after the optimiser step, when
-        ``global_step`` has already moved past this batch."""
+        progress bar) goes every step. Asked before the optimiser step (``SkipNonFinite`` asks the same
+        after it, when ``global_step`` has moved past the batch)."""
         if self._trainer is None:
             return True
         every = max(1, self.trainer.log_every_n_steps)
-        step = self.trainer.global_step + (0 if stepped else 1)
-        return step % every == 0 or self.trainer.should_stop
+        return (self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._logs_this_step():
             for i, group in enumerate(self.optimizers().param_groups):
                 self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
-        self._step_keys.extend(getattr(batch, "keys", None) or [])
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when a loss or a gradient is not finite on any rank (module docstring).
-
-        After DDP's all-reduce the gradients are the same on every rank; the loss flag is not, hence
-        the reduction. Runs before Lightning's gradient clipping, which then finds no gradient.
-        """
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
-        if self._trainer is not None:
-            bad = self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
-        keys, self._step_keys, self._nonfinite_loss = self._step_keys, [], False
-        if not bad:
-            self.skipped_in_a_row = 0
-            return
-        optimizer.zero_grad(set_to_none=True)  # AdamW leaves a parameter without a gradient untouched
-        self.skipped_steps += 1
-        self.skipped_in_a_row += 1
-        shown = ", ".join(keys[:16]) + (f", ... ({len(keys) - 16} more)" if len(keys) > 16 else "")
-        log.warning("Non-finite loss or gradient at step %d: optimiser step skipped (%d skipped in all, %d in a row); "
-                    "batch sample keys: %s", self.global_step, self.skipped_steps, self.skipped_in_a_row, shown or "?")
-        limit = self.hparams.max_consecutive_skipped_steps
-        if limit is not None and self.skipped_in_a_row >= limit:
-            raise RuntimeError(
-                f"Training stopped: {self.skipped_in_a_row} optimiser steps in a row had a non-finite loss or "
-                f"gradient (model.max_consecutive_skipped_steps={limit}); the last batch's sample keys: "
-                f"{shown or '?'}. Lower model.lr, keep gradient clipping on (trainer.gradient_clip_val), check "
-                "those samples, or resume from an earlier checkpoint."
-            )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._logs_this_step(stepped=True):
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
         outputs = self.detector(batch)
@@ -315,31 +283,25 @@ class Sam3LitModule(L.LightningModule):
         if self.lora is None:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         keys = super().load_state_dict(state_dict, strict=False, assign=assign)
-        trained = self.trained_keys()
-        keys = type(keys)([k for k in keys.missing_keys if k in trained], keys.unexpected_keys)
-        if strict and (keys.missing_keys or keys.unexpected_keys):
-            raise RuntimeError(f"The LoRA state dict does not fit the model: missing {listing(keys.missing_keys)}; "
-                               f"unexpected {listing(keys.unexpected_keys)}.")
-        return keys
+        return lora_ckpt.adapter_load_keys(keys, trained=self.trained_keys(), strict=strict)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sam3_skipped_steps"] = {"total": self.skipped_steps, "in_a_row": self.skipped_in_a_row}
         if self.lora is not None:
-            trained = self.trained_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-            checkpoint[LORA_KEY] = {"pretrained": self.hparams.pretrained, "base_fingerprint": self.base_fingerprint}
+            lora_ckpt.save_adapters(checkpoint, trained=self.trained_keys(), pretrained=self.hparams.pretrained,
+                                    fingerprint=self.base_fingerprint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the differing settings, a checkpoint whose tensors do not fit this model."""
+        path = getattr(self._trainer, "ckpt_path", None)
+        source = f"Checkpoint {path}" if path else "The checkpoint"
         expected = self.state_dict()
         if self.lora is not None:
-            self._check_lora_base(checkpoint)
+            lora_ckpt.check_adapter_base(checkpoint, fingerprint=self.base_fingerprint,
+                                         pretrained=self.hparams.pretrained, source=source)
             trained = self.trained_keys()
             expected = {k: v for k, v in expected.items() if k in trained}
         problems = state_mismatch(expected, checkpoint.get("state_dict", {}))
         if problems:
-            path = getattr(self._trainer, "ckpt_path", None)
-            source = f"Checkpoint {path}" if path else "The checkpoint"
             theirs = checkpoint.get("hyper_parameters") or {}
             differing = [f"{k}: checkpoint {theirs[k]!r}, this run {self.hparams.get(k)!r}"
                          for k in ("preset", "image_size", "model_overrides", "pretrained", "lora", "freeze_vision",
@@ -351,26 +313,6 @@ class Sam3LitModule(L.LightningModule):
                 + ". Run with the model settings of the run that wrote it (model.preset, data.image_size, "
                 "model.model_overrides), or start a new run from weights with model.pretrained. Details: "
                 + "; ".join(problems) + "."
-            )
-        skipped = checkpoint.get("sam3_skipped_steps") or {}
-        self.skipped_steps = int(skipped.get("total", 0))
-        self.skipped_in_a_row = int(skipped.get("in_a_row", 0))
-
-    def _check_lora_base(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse adapters trained on another base than the one this module built."""
-        path = getattr(self._trainer, "ckpt_path", None)
-        path = f"Checkpoint {path}" if path else "The checkpoint"
-        meta = checkpoint.get(LORA_KEY)
-        if meta is None:
-            raise KeyError(f"{path} holds a full model, not LoRA adapters (model.lora is set): load it without "
-                           "model.lora, or pass an adapter checkpoint written by a model.lora run.")
-        if meta["base_fingerprint"] != self.base_fingerprint:
-            raise ValueError(
-                f"{path} holds LoRA adapters trained on another base model: fingerprint {meta['base_fingerprint']} "
-                f"(model.pretrained {meta['pretrained']!r}), this run's base is {self.base_fingerprint} "
-                f"(model.pretrained {self.hparams.pretrained!r}). Point model.pretrained at the checkpoint the "
-                "adapters were trained on" + ("" if meta["pretrained"] else
-                "; a randomly initialised base is rebuilt only by the same preset, seed and settings") + "."
             )
 
     # ------------------------------------------------------------------ optimisation

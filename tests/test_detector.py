@@ -264,6 +264,16 @@ def test_save_and_from_pretrained_round_trip(detector, tmp_path):
     assert all(torch.equal(hf_state[k], v) for k, v in detector.state_dict().items())
 
 
+def test_from_pretrained_initialises_nothing_it_overwrites(detector, tmp_path):
+    detector.save_pretrained(tmp_path)
+    before = torch.get_rng_state()
+    loaded = Sam3Detector.from_pretrained(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)  # no weight was drawn at random, to be overwritten
+    assert loaded.training and all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    frozen = lambda m: {n for n, p in m.named_parameters() if not p.requires_grad}  # noqa: E731
+    assert frozen(loaded) == frozen(detector) != set()  # the weights SAM 3's forward never reads
+
+
 def test_missing_and_unexpected_keys_are_named(detector, tmp_path):
     detector.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -302,31 +312,47 @@ def test_released_video_layout_loads(detector, tmp_path):
               "model-00002-of-00002.safetensors": keys[half:] + ["tracker_model.memory.weight"]}
     for name, names in shards.items():
         save_file({k: state[k] for k in names}, tmp_path / name)
-    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},  # as released
+             "weight_map": {k: name for name, names in shards.items() for k in names}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     loaded = Sam3Detector.from_pretrained(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in detector.state_dict().items())
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     det = build_detector("tiny", dropout=0.0).train()
     batch = make_batch(det, [PHRASES[:2], PHRASES[2:]])
+    # Modules whose forward runs twice (forward + recompute in backward) when checkpointed. Pre-hooks: the
+    # recompute stops once it has what backward needs (torch's early stop), before a forward hook would run.
+    recomputed = {"vit": det.vision_encoder.backbone.layers[0].attention, "detr_encoder": det.detr_encoder.layers[0],
+                  "decoder": det.detr_decoder.layers[0].self_attn, "mask_decoder": det.mask_decoder,
+                  "text": det.text_encoder.text_model.encoder.layers[0].self_attn}
+    calls = dict.fromkeys(recomputed, 0)
+    for name, module in recomputed.items():
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
 
-    def grads():
+    def step():
         det.zero_grad()
+        calls.update(dict.fromkeys(calls, 0))
         out = det(batch)
-        (out["pred_logits"].sum() + out["pred_masks"].mean() + out["o2m"]["pred_boxes"].sum()
-         + out["presence_logit"].sum()).backward()
-        return {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}
+        loss = (out["pred_logits"].sum() + out["pred_masks"].mean() + out["o2m"]["pred_boxes"].sum()
+                + out["presence_logit"].sum())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}, dict(calls)
 
-    plain = grads()
+    plain_loss, plain, plain_calls = step()
     det.set_activation_checkpointing(True)
-    ckpt = grads()
+    ckpt_loss, ckpt, ckpt_calls = step()
+    assert plain_calls == dict.fromkeys(recomputed, 1)
+    assert ckpt_calls == {"vit": 2, "detr_encoder": 2, "decoder": 2, "mask_decoder": 2, "text": 1}  # text: as before
+    assert torch.equal(plain_loss, ckpt_loss)
     assert plain.keys() == ckpt.keys()
     assert any(n.startswith("vision_encoder.backbone.layers") for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], atol=1e-5, rtol=1e-4, msg=name)
+    det.set_activation_checkpointing(False)
+    assert step()[2] == plain_calls
 
 
 def test_postprocess_maps_to_original_pixels():

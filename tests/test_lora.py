@@ -14,8 +14,9 @@ import transformers
 from fault_cli import IMAGE_SIZE, fit_config, logged, output, run
 from fault_cli import callback as fault_callback
 
-from sam3_train.lit import LORA_KEY, Sam3LitModule
+from sam3_train.lit import Sam3LitModule
 from sam3_train.model import Sam3Detector, build_detector
+from sam3_train.model.lora import CHECKPOINT_KEY as LORA_KEY
 from sam3_train.model.lora import LoraSettings, apply_lora, merge_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

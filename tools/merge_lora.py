@@ -19,16 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-from sam3_train.checkpointing import CheckpointError, check_checkpoint_file
-from sam3_train.lit import LORA_KEY, Sam3LitModule
-from sam3_train.model.lora import merge_lora
+from sam3_train.checkpointing import CheckpointError
+from sam3_train.loading import load_module
+from sam3_train.model.lora import CHECKPOINT_KEY, merge_lora
 
 
 def merge_checkpoint(ckpt: str | Path, output: str | Path, *, pretrained: str | None = None) -> Path:
     """Merge the adapters of LoRA checkpoint ``ckpt`` into its base and save to ``output``; returns it."""
-    check_checkpoint_file(ckpt)  # a missing, truncated or foreign file fails with its name
-    overrides = {"pretrained": str(pretrained)} if pretrained else {}
-    module = Sam3LitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides)
+    # The one loader (sam3_train/loading.py): file checks, weights-only read, the base rebuilt and its
+    # fingerprint checked. Not load_detector: the record below also wants the run's LoRA settings.
+    module = load_module(ckpt, **({"pretrained": str(pretrained)} if pretrained else {}))
     if module.lora is None:
         raise CheckpointError(f"{ckpt} was not written by a model.lora run: it holds the whole model already, "
                               "nothing to merge (sam3-train's checkpoints load with --ckpt_path as they are).")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{out}: adapters of {args.ckpt} merged into its base ({LORA_KEY} recorded in {out / 'lora_merge.json'})")
+    print(f"{out}: adapters of {args.ckpt} merged into its base ({CHECKPOINT_KEY} recorded in {out / 'lora_merge.json'})")
     return 0
 
 

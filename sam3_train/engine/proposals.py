@@ -189,7 +189,8 @@ class ProposeModule(L.LightningModule):
     """Prediction only: the detector of a ``Sam3LitModule`` checkpoint, proposing candidates.
 
     Args:
-        checkpoint: a Lightning checkpoint of ``Sam3LitModule`` (``sam3-train fit``, or a round's).
+        checkpoint: a ``sam3-train fit`` checkpoint (a round's, LoRA adapters merged) or an HF-layout
+            folder: :func:`sam3_train.loading.load_detector`.
         flip_tta: also run the horizontally flipped batch (needed by ``FlipConsistencyVerifier``).
         min_score: score floor of a detection (at most the exhaustivity band's low and the miner's
             fire_low: a detection dropped here can neither make a pair uncertain nor be mined).
@@ -202,11 +203,9 @@ class ProposeModule(L.LightningModule):
                  max_detections: int = 100, stability_offset: float = STABILITY_OFFSET,
                  tokenizer_path: str | None = None):
         super().__init__()
-        from sam3_train.lit import Sam3LitModule
+        from sam3_train.loading import load_detector
 
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        self.detector = Sam3LitModule.load_from_checkpoint(checkpoint, map_location="cpu").detector
+        self.detector = load_detector(checkpoint)
         self.flip_tta = flip_tta
         self.min_score = min_score
         self.max_detections = max_detections

@@ -21,6 +21,7 @@ from sam3_train.cli import Sam3CLI
 from sam3_train.dist import barrier, is_rank_zero
 from sam3_train.engine.manifest import FIT_CONFIG, MODEL
 from sam3_train.engine.settings import make_cli
+from sam3_train.loading import load_module, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ class _LogRoundInfo(L.Callback):
             logger.log_hyperparams({"engine": self.round_info})
 
 
-def load_weights(model: L.LightningModule, checkpoint: str | os.PathLike) -> None:
-    """Weights of a Lightning checkpoint into ``model`` (strict: a different architecture fails;
-    loaded without running pickled code, errors naming the file: ``checkpointing.load_checkpoint_file``)."""
-    from sam3_train.checkpointing import load_checkpoint_file
-
-    model.load_state_dict(load_checkpoint_file(checkpoint)["state_dict"])
-
-
 def fit_round(*, round_dir: Path, round_info: dict[str, Any], init_from: str | os.PathLike | None = None) -> L.Trainer:
     """Fit the round's config and save its weights as ``round_dir/model.ckpt.tmp`` (the caller
     publishes it by renaming); returns the trainer, for evaluation.
@@ -59,7 +52,7 @@ def fit_round(*, round_dir: Path, round_info: dict[str, Any], init_from: str | o
     trainer, model, datamodule = build_cli(round_dir / FIT_CONFIG)
     trainer.callbacks.append(_LogRoundInfo(round_info))
     if init_from is not None:
-        load_weights(model, init_from)
+        load_weights(model, init_from)  # checked and strict; LoRA adapters only on their own base
     trainer.fit(model, datamodule=datamodule)
     trainer.save_checkpoint(round_dir / (MODEL + ".tmp"), weights_only=True)  # collective: rank 0 writes
     barrier()
@@ -71,14 +64,12 @@ def evaluate(*, round_dir: Path, checkpoint: Path, trainer: L.Trainer | None = N
 
     Without ``trainer`` (a resumed round) one is built from the round's config; its loggers start a new run.
     """
-    from sam3_train.lit import Sam3LitModule
-
     datamodule = None
     if trainer is None:
         trainer, _, datamodule = build_cli(round_dir / FIT_CONFIG)
     else:
         datamodule = trainer.datamodule
-    model = Sam3LitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    model = load_module(checkpoint)
     results = trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
     return metrics, trainer

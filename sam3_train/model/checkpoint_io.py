@@ -1,26 +1,21 @@
-"""Reading HF-format SAM 3 checkpoint directories from local disk, with strict, named key checks.
+"""HF-format SAM 3 checkpoint directories on local disk: their config, and named key checks.
 
 A directory holds ``config.json`` and either ``model.safetensors`` or sharded
 ``model-0000x-of-0000y.safetensors`` files with ``model.safetensors.index.json``. The released
 ``facebook/sam3`` checkpoint is a video model: its config nests the detector under
 ``detector_config`` and its weights under ``detector_model.``; the tracker's weights are not the
-detector's and are skipped.
+detector's and are skipped. The weights themselves are read by transformers' loader
+(``Sam3Detector.from_pretrained``); the messages naming missing, unexpected and misshapen keys are ours.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import Sam3Config
-
-log = logging.getLogger(__name__)
-
-_DETECTOR_PREFIX = "detector_model."
-_TRACKER_PREFIXES = ("tracker_model.", "tracker_neck.")
 
 
 def check_directory(directory: str | Path) -> Path:
@@ -32,6 +27,8 @@ def check_directory(directory: str | Path) -> Path:
         )
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: it is not an HF-format SAM 3 checkpoint directory.")
+    if not any(directory.glob("*.safetensors")):
+        raise FileNotFoundError(f"{directory} holds no *.safetensors weights.")
     return directory
 
 
@@ -43,30 +40,6 @@ def read_config(directory: Path) -> Sam3Config:
         raise ValueError(f"{directory}/config.json describes a {raw.get('model_type')!r} model, not SAM 3 ('sam3').")
     raw.pop("model_type", None)
     return Sam3Config(**raw)
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / name for name in shards]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory} holds no *.safetensors weights.")
-    return files
-
-
-def read_detector_state(directory: Path) -> dict[str, torch.Tensor]:
-    """The detector's tensors, keyed as in ``Sam3Model.state_dict()``."""
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
-        state.update(load_file(str(path)))
-    if any(k.startswith(_DETECTOR_PREFIX) for k in state):
-        skipped = [k for k in state if k.startswith(_TRACKER_PREFIXES)]
-        if skipped:
-            log.info("Skipping %d tracker tensors of %s (not part of the detector).", len(skipped), directory)
-        state = {k[len(_DETECTOR_PREFIX):]: v for k, v in state.items() if k.startswith(_DETECTOR_PREFIX)}
-    return state
 
 
 def listing(keys: list[str], limit: int = 12) -> str:
@@ -94,12 +67,22 @@ def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Ten
     return problems
 
 
-def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: object) -> None:
-    """``load_state_dict(strict=True)`` with one message naming missing, unexpected and misshapen keys."""
-    problems = state_mismatch(model.state_dict(), state)
-    if problems:
-        raise KeyError(
-            f"Checkpoint {source} does not fit the model: " + "; ".join(problems)
-            + ". Check that the checkpoint and the model preset/config describe the same architecture."
-        )
-    model.load_state_dict(state, strict=True)
+def mismatch_message(source: object, problems: list[str]) -> str:
+    """One message for a checkpoint whose keys do not fit the model (``problems``: :func:`state_mismatch`'s)."""
+    return (f"Checkpoint {source} does not fit the model: " + "; ".join(problems)
+            + ". Check that the checkpoint and the model preset/config describe the same architecture.")
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """:func:`state_mismatch`'s phrases from transformers' ``output_loading_info`` (missing, unexpected and
+    ``mismatched_keys``: (name, checkpoint shape, model shape))."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing keys: {listing(sorted(info['missing_keys']))}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected keys: {listing(sorted(info['unexpected_keys']))}")
+    if info.get("mismatched_keys"):
+        misshapen = sorted(f"{k} (checkpoint {tuple(theirs)}, model {tuple(ours)})"
+                           for k, theirs, ours in info["mismatched_keys"])
+        problems.append(f"shape mismatches: {listing(misshapen)}")
+    return problems

@@ -36,7 +36,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import Sam3Config, Sam3Model
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer
 
 from sam3_train.data.batch import Batch
 from sam3_train.model import checkpoint_io
@@ -76,6 +75,10 @@ class Sam3Detector(Sam3Model):
             init leaves the heads ignoring their input (a presence logit constant across pairs) and
             starts every query at the same box.
     """
+
+    # transformers' flag for activation_checkpointing_enable (Sam3Model leaves it False); its only
+    # checkpointing layers are the ViT blocks and CLIP's, which run under torch.utils.checkpoint unchanged.
+    supports_gradient_checkpointing = True
 
     def __init__(
         self,
@@ -165,11 +168,21 @@ class Sam3Detector(Sam3Model):
         reference[:, :2] = torch.logit(centres.to(reference.dtype))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the ViT blocks, the DETR encoder and decoder layers and the mask decoder in backward.
+
+        The ViT runs transformers' own forward: its blocks are switched through transformers' public
+        ``activation_checkpointing_enable`` (``torch.utils.checkpoint(use_reentrant=False)`` around each
+        block; ``gradient_checkpointing_enable`` is its deprecated alias in transformers 5). That switch
+        also reaches CLIP's text blocks, which run once per distinct phrase and stay as they were. The
+        DETR encoder, decoder and mask decoder run in our own pair-batched loops, which read
+        ``self.activation_checkpointing``.
+        """
         self.activation_checkpointing = enabled
-        for module in self.vision_encoder.modules():
-            if isinstance(module, Sam3ViTLayer):
-                module.gradient_checkpointing = enabled
-                module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        if enabled:
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.text_encoder.activation_checkpointing_disable()
+        else:
+            self.activation_checkpointing_disable()
 
     def freeze_unused_parameters(self) -> None:
         """``requires_grad=False`` for the weights SAM 3's forward never reads, so plain DDP works.
@@ -371,11 +384,22 @@ class Sam3Detector(Sam3Model):
         directory = checkpoint_io.check_directory(directory)
         config = checkpoint_io.read_config(directory)
         tokenizer = kwargs.pop("tokenizer", None) or Sam3Tokenizer.from_dir_or_open_clip(directory)
-        kwargs.setdefault("init", "transformers")  # the cheapest: every weight is overwritten next
-        detector = cls(config, tokenizer=tokenizer, **kwargs)
-        state = checkpoint_io.read_detector_state(directory)
-        checkpoint_io.load_state_strict(detector, state, source=directory)
-        return detector
+        kwargs.setdefault("init", "transformers")  # never drawn: the loader builds on the meta device
+        # transformers' own loader: it builds the model on the meta device (no random init of weights that
+        # are overwritten next: 840 M at the released size), reads sharded files, strips the released
+        # layout's ``detector_model.`` prefix and skips its tracker weights (Sam3Model's base_model_prefix
+        # and _keys_to_ignore_on_load_unexpected). Its strictness is not ours: a missing key is initialised
+        # at random with a warning and a misshapen one raises a generic error after a printed table. So it
+        # only reports them (ignore_mismatched_sizes, output_loading_info), and we fail with one message.
+        detector, info = super().from_pretrained(
+            directory, config=config, tokenizer=tokenizer, dtype=torch.float32, local_files_only=True,
+            ignore_mismatched_sizes=True, output_loading_info=True, **kwargs,
+        )
+        problems = checkpoint_io.loading_problems(info)
+        if problems:
+            raise KeyError(checkpoint_io.mismatch_message(directory, problems))
+        detector.freeze_unused_parameters()  # the loaded weights are new Parameters, all requiring grad
+        return detector.train()  # transformers hands back eval mode; a module starts in train mode
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:  # type: ignore[override]
         """config.json + model.safetensors (readable by ``transformers.Sam3Model.from_pretrained``) + tokenizer."""

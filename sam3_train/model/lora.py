@@ -6,6 +6,10 @@
     ...                                     # train: only adapters (and modules_to_save) require grad
     merge_lora(detector).save_pretrained("merged/")   # plain HF layout: transformers.Sam3Model loads it
 
+Adapter checkpoints (``Sam3LitModule`` calls these from its checkpoint hooks): ``save_adapters`` keeps
+only the trained tensors and records the base; ``check_adapter_base`` refuses adapters of another
+base; ``adapter_load_keys`` lets a state dict omit the base's tensors.
+
 Where adapters attach: ``peft.inject_adapter_in_model`` replaces each targeted ``nn.Linear`` by a
 ``peft`` LoRA layer that keeps the original as ``base_layer`` and adds ``lora_A`` ([r, in]) and
 ``lora_B`` ([out, r], zero at the start) with output ``base(x) + alpha / r * B(A(dropout(x)))``. So
@@ -38,6 +42,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sam3_train.model.checkpoint_io import listing
 from sam3_train.model.detector import Sam3Detector
 
 _QKVO = r"(q|k|v|o)_proj"
@@ -154,3 +159,46 @@ def base_fingerprint(module: torch.nn.Module, *, samples: int = 64) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+# An adapter checkpoint holds only the trained tensors (adapters, modules_to_save) and, under this key,
+# the base they were trained on: {"pretrained": folder or None, "base_fingerprint": base_fingerprint(...)}.
+CHECKPOINT_KEY = "sam3_lora"
+
+
+def save_adapters(checkpoint: dict[str, Any], *, trained: set[str], pretrained: str | None,
+                  fingerprint: str | None) -> None:
+    """Make a (Lightning) checkpoint an adapter checkpoint, in place: ``state_dict`` keeps the ``trained``
+    keys only and ``CHECKPOINT_KEY`` names the base (its ``pretrained`` folder and ``fingerprint``)."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+    checkpoint[CHECKPOINT_KEY] = {"pretrained": pretrained, "base_fingerprint": fingerprint}
+
+
+def check_adapter_base(checkpoint: dict[str, Any], *, fingerprint: str | None, pretrained: str | None,
+                       source: str = "The checkpoint") -> None:
+    """Refuse a checkpoint that holds no adapters, or adapters trained on another base than the one whose
+    ``fingerprint`` (built from ``pretrained``) they are about to be loaded on. ``source`` begins the message."""
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        raise KeyError(f"{source} holds a full model, not LoRA adapters (model.lora is set): load it without "
+                       "model.lora, or pass an adapter checkpoint written by a model.lora run.")
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{source} holds LoRA adapters trained on another base model: fingerprint {meta['base_fingerprint']} "
+            f"(model.pretrained {meta['pretrained']!r}), this run's base is {fingerprint} "
+            f"(model.pretrained {pretrained!r}). Point model.pretrained at the checkpoint the "
+            "adapters were trained on" + ("" if meta["pretrained"] else
+            "; a randomly initialised base is rebuilt only by the same preset, seed and settings") + "."
+        )
+
+
+def adapter_load_keys(keys: Any, *, trained: set[str], strict: bool) -> Any:
+    """The result of ``load_state_dict(adapters, strict=False)`` on an adapted model, with the base's own
+    keys (not ``trained``: they come from the base model) no longer missing; ``strict`` refuses a missing
+    trained tensor or an unexpected key. ``keys``: torch's ``_IncompatibleKeys``; returns the same type."""
+    keys = type(keys)([k for k in keys.missing_keys if k in trained], keys.unexpected_keys)
+    if strict and (keys.missing_keys or keys.unexpected_keys):
+        raise RuntimeError(f"The LoRA state dict does not fit the model: missing {listing(keys.missing_keys)}; "
+                           f"unexpected {listing(keys.unexpected_keys)}.")
+    return keys

@@ -170,26 +170,6 @@ def read_video_config(directory: str | Path) -> Sam3VideoConfig:
     return Sam3VideoConfig.from_pretrained(directory)
 
 
-def load_detector(source: str | Path) -> Sam3Detector:
-    """A detector trained here: an HF-layout folder (``Sam3Detector.save_pretrained``, a LoRA merge by
-    ``tools/merge_lora.py``, a converted or released checkpoint) or a ``sam3-train fit`` ``.ckpt``
-    (LoRA adapters are merged into their base)."""
-    source = Path(source)
-    if source.is_dir():
-        return Sam3Detector.from_pretrained(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"Detector {source} does not exist: pass an HF-layout folder or a .ckpt of "
-                                "sam3-train fit.")
-    from sam3_train.checkpointing import check_checkpoint_file
-    from sam3_train.lit import Sam3LitModule  # Lightning only for checkpoints of Lightning runs
-    from sam3_train.model.lora import merge_lora
-
-    check_checkpoint_file(source)  # a truncated or foreign file fails naming it
-    module = Sam3LitModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
-    detector = module.detector
-    return merge_lora(detector) if module.lora is not None else detector
-
-
 def _vit_change(video: Sam3VideoModel, detector: Sam3Detector) -> float:
     """Largest relative change of any ViT weight of ``detector`` against the video checkpoint's detector."""
     theirs = dict(video.detector_model.vision_encoder.named_parameters())
@@ -204,7 +184,8 @@ def _vit_change(video: Sam3VideoModel, detector: Sam3Detector) -> float:
 def build_video_model(video_checkpoint: str | Path, detector: str | Path | Sam3Detector | None = None, *,
                       device: str | torch.device = "cpu", hub_kernels: bool = False) -> VideoModel:
     """``Sam3VideoModel`` from a local video checkpoint, its ``detector_model`` replaced by ``detector``
-    (a path for :func:`load_detector`, a detector, or None: the checkpoint's own detector, run our way).
+    (a path for :func:`sam3_train.loading.load_detector`: an HF folder or a ``sam3-train fit`` ``.ckpt``; a
+    detector; or None: the checkpoint's own detector, run our way).
 
     The tracker and its neck stay as released. A detector whose tracker-facing sizes differ is refused
     before any weight is read. ``hub_kernels``: see :func:`sam3_train.video.cpu_ops.install`.
@@ -220,6 +201,8 @@ def build_video_model(video_checkpoint: str | Path, detector: str | Path | Sam3D
         source = detector
         if Path(detector).is_dir():  # refuse before reading weights; a .ckpt is checked once loaded
             check_fits(_detector_config(detector), config, detector_source=detector, video_source=video_checkpoint)
+        from sam3_train.loading import load_detector  # Lightning only for checkpoints of Lightning runs
+
         detector = load_detector(detector)
     else:
         source = type(detector).__name__
