@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model", "optim", "resume"),                      # the detector; what a training run is made of
     ("preemption", "callbacks", "nonfinite"),          # Lightning callbacks
     ("lit",),                                          # the LightningModule composing them
-    ("cli",),                                          # Sam3CLI: every LightningCLI builds on it
+    ("cli", "loading"),                                # Sam3CLI (every LightningCLI builds on it); load_detector
     ("engine", "video"),                               # applications built on training and the detector
     ("console",),                                      # the `sam3-train` command: routes to all of them
 ]
