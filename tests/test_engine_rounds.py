@@ -9,7 +9,6 @@ paths recorded in manifests are equal and whole files can be compared byte for b
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from conftest import SHAPES_SPLITS
 
+from sam3_train.dist import env_without_dist
 from sam3_train.engine import read_manifest, read_samples, round_finished, shard_paths
 from sam3_train.engine.proposal_files import ProposalIndex
 
@@ -27,7 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ imp
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "data_engine.py"
 ENGINE_CONFIGS = [REPO / "configs" / "shapes_tiny.yaml", REPO / "configs" / "engine" / "shapes.yaml"]
-DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 VOCABULARY = "# test vocabulary\ncircle\nred circle\nsquare\nblue star\n"
 # Thresholds for a model trained two steps (xavier init, stability offset 0.05): some instances kept,
 # some rejected by the score and each mask check.
@@ -70,7 +69,7 @@ def engine_config(folder: Path, shapes_root: str) -> list[str]:
 
 
 def run_tool(args: list[str], cwd: Path, *, kill_at: str | None = None, check: bool = True):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = env_without_dist()
     env.update(WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1", COLUMNS="200")
     env.pop("SAM3_ENGINE_KILL_AT", None)
     if kill_at:
