@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import meta_reference_missing
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -385,7 +386,7 @@ def _meta_cgf1_module():
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
             return module
-    pytest.skip("Meta's cgf1_eval.py not found: pip install --no-deps sam3==0.1.4, or set SAM3_CGF1_EVAL")
+    meta_reference_missing("Meta's cgf1_eval.py not found (or set SAM3_CGF1_EVAL to it)")
 
 
 def _rle_json(mask: torch.Tensor) -> dict:
