@@ -23,7 +23,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sam3_train.data.collate import Collator  # noqa: E402
 from sam3_train.data.convert_coco import convert_coco  # noqa: E402
-from sam3_train.data.datamodule import _select  # noqa: E402
+from sam3_train.data.datamodule import query_selector  # noqa: E402
 from sam3_train.data.pipeline import ShardStream  # noqa: E402
 from sam3_train.data.shapes import ensure_shapes_shards  # noqa: E402
 from sam3_train.data.shards import expand_urls  # noqa: E402
@@ -83,7 +82,7 @@ def pipeline(urls: list[str], *, image_size: int, tokenizer, batch_size: int = 8
     stream = ShardStream(
         urls=urls, batch_size=batch_size, collate=Collator(tokenizer=tokenizer),
         transforms=train_transforms(image_size=image_size), shuffle=True, shuffle_buffer=64,
-        select=partial(_select, max_queries=8, negative_share=0.5), draft_size=image_size,
+        select=query_selector(max_queries=8, negative_share=0.5), draft_size=image_size,
     )
     return sum(batch.num_images for batch in stream)
 

@@ -30,6 +30,14 @@ MemTracker, real tensors under MemTracker, and real tensors under the profiler's
 CPU allocator's own running total and its peak); the three should agree
 (tests/test_memory_estimate.py checks it at the tiny preset).
 
+Why torch internals. No public torch API does either half: meta-device tensors refuse the real
+targets (a device mismatch) and every data-dependent operator (``nonzero``, ``.tolist()``), so only
+the private ``FakeTensorMode`` runs this step on shapes; and only the private ``MemTracker``
+(``torch.distributed._tools``) follows every storage through autograd's backward and the optimiser,
+with ``Tracker`` below reaching into its internals. A torch upgrade can therefore break this benchmark
+(not training): its accuracy test is in the slow lane, which CI runs (``pytest -m "not slow"`` does
+not even import this file), so the break shows there, with the test named.
+
 Results: README ("Memory") and docs/benchmarks.md.
 """
 

@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 from conftest import SHAPES_SPLITS
 
+from sam3_train.dist import env_without_dist
+
 SAM3_TRAIN = Path(sys.executable).with_name("sam3-train")
-DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 IMAGE_SIZE = 112
 
 FAULTS = '''
@@ -74,7 +75,7 @@ class RankRecorder(L.Callback):
 def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The child's environment: no inherited DDP variables, W&B off, one thread, the fault callbacks importable."""
     (tmp_path / "faults.py").write_text(FAULTS)
-    out = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("SLURM_")}
+    out = {k: v for k, v in env_without_dist().items() if not k.startswith("SLURM_")}
     out.update(WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1", COLUMNS="200")
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), out.get("PYTHONPATH")]))
     out.update(extra)

@@ -25,12 +25,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam3_train.dist import env_without_dist
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Overlays go on top of a base file (`--config base.yaml --config overlay.yaml`) and are tested so.
 OVERLAYS = {"sam3_lora": "sam3_finetune"}
 SAM3_TRAIN = Path(sys.executable).with_name("sam3-train")
-DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 # pycocotools under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 IMAGE_SIZE = 112  # tiny preset: 112 / 14 = 8 tokens a side, one window
@@ -56,7 +57,7 @@ class StepRecorder(L.Callback):
 
 # ---------------------------------------------------------------------------------------- helpers
 def _env(pythonpath: Path | None = None, wandb_mode: str = "disabled") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = env_without_dist()
     # W&B off in the child unless a test asks for its offline files (the configs' offline loggers are
     # switched to online-but-disabled below); one thread per process: the CI box has 2 cores and DDP
     # runs 2 processes.

@@ -139,9 +139,7 @@ def test_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_pat
 def test_training_skips_images_with_no_query_to_train_on(tmp_path, collate, caplog):
     """Images whose queries are all unlabelled (non-exhaustive, no instances) or absent give no training
     pair: the training stream skips, counts and names them; evaluation (no selection) keeps them."""
-    from functools import partial
-
-    from sam3_train.data.datamodule import _select
+    from sam3_train.data.datamodule import query_selector
 
     with ShardSink(out_dir=tmp_path, prefix="mixed", max_count=100) as sink:
         for i in range(6):
@@ -153,7 +151,7 @@ def test_training_skips_images_with_no_query_to_train_on(tmp_path, collate, capl
             sink.write(make_key(i), data, "png", meta)
     urls = expand_urls(f"{tmp_path}/mixed-000000.tar")
     train = ShardStream(urls=urls, batch_size=1, collate=collate, transforms=eval_transforms(image_size=16),
-                        select=partial(_select, max_queries=4, negative_share=0.5))
+                        select=query_selector(max_queries=4, negative_share=0.5))
     with caplog.at_level("WARNING"):
         keys = [k for batch in train for k in batch.keys]
     assert keys == [make_key(0), make_key(3)] and train.skip_counter.value == 4

@@ -9,7 +9,6 @@ paths recorded in manifests are equal and whole files can be compared byte for b
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from conftest import SHAPES_SPLITS
 
+from sam3_train.dist import env_without_dist
 from sam3_train.engine import read_manifest, read_samples, round_finished, shard_paths
 from sam3_train.engine.proposal_files import ProposalIndex
 
@@ -27,12 +27,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ imp
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "data_engine.py"
 ENGINE_CONFIGS = [REPO / "configs" / "shapes_tiny.yaml", REPO / "configs" / "engine" / "shapes.yaml"]
-DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR")
 VOCABULARY = "# test vocabulary\ncircle\nred circle\nsquare\nblue star\n"
-# Thresholds for a model trained two steps (xavier init, stability offset 0.05): some instances kept,
-# some rejected by the score and each mask check.
+# Thresholds for round 0's model (two steps from the default init, seed 0; stability offset 0.05), so
+# that some instances are kept and some rejected by the score and by each mask check. Measured over
+# round 1's 640 candidates: the class probabilities are still near 0.5, so scores sit near half their
+# pair's presence (0.096 / 0.116 / 0.232 at the 10th / 50th / 90th percentile), and the higher the
+# score, the likelier an empty mask (39% are empty). At 0.1 the score check rejects the lowest (99),
+# leaving most non-empty masks to the mask checks; at 0.2 these reject 313 empty or unstable masks and
+# 71 flip-inconsistent ones, keeping 157: every count far from 0, so float summation order cannot
+# empty one. A two-step model depends on its seed (seed 1's masks fill the image and are all
+# stable), hence the seed is set below.
 VERIFIERS = [
-    {"class_path": "sam3_train.engine.verifiers.ScoreVerifier", "init_args": {"min_score": 0.25}},
+    {"class_path": "sam3_train.engine.verifiers.ScoreVerifier", "init_args": {"min_score": 0.1}},
     {"class_path": "sam3_train.engine.verifiers.StabilityVerifier", "init_args": {"min_iou": 0.2}},
     {"class_path": "sam3_train.engine.verifiers.FlipConsistencyVerifier", "init_args": {"min_iou": 0.2}},
     {"class_path": "sam3_train.engine.verifiers.ExhaustivityVerifier", "init_args": {"low": 0.1, "high": 0.2}},
@@ -49,9 +55,7 @@ def engine_config(folder: Path, shapes_root: str) -> list[str]:
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ".", "name": "csv"}},
     ]
     smoke = {
-        # The thresholds below are set for a model trained two steps from the default (xavier) init; under
-        # Meta's init the top-scored queries of such a model still have empty masks, leaving nothing to check.
-        "model": {"init": "xavier"},
+        "seed_everything": 0,  # the thresholds of VERIFIERS are measured on this seed's model
         "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
                     "logger": loggers},
         "data": {"shapes_root": shapes_root, "shapes_splits": SHAPES_SPLITS, "image_size": 112, "num_workers": 0,
@@ -70,7 +74,7 @@ def engine_config(folder: Path, shapes_root: str) -> list[str]:
 
 
 def run_tool(args: list[str], cwd: Path, *, kill_at: str | None = None, check: bool = True):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = env_without_dist()
     env.update(WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1", COLUMNS="200")
     env.pop("SAM3_ENGINE_KILL_AT", None)
     if kill_at:
@@ -121,7 +125,7 @@ def test_uninterrupted_run_writes_both_rounds(finished):
     assert counts["samples"] == 32 and counts["pairs"] == 32 * 4 and counts["proposed"]["images"] == 32
     assert counts["instances"] > 0 and counts["rejected"]["score"] > 0 and counts["rejected"]["stability"] > 0
     assert counts["instances"] + sum(counts["rejected"].values()) == counts["proposed"]["candidates"]
-    assert one["thresholds"]["verifiers"]["score"] == {"min_score": 0.25}
+    assert one["thresholds"]["verifiers"]["score"] == {"min_score": 0.1}
     assert set(one["outputs"]["fit"]["sources"]) == {"labelled", "pseudo"} and one["outputs"]["fit"]["steps"] == 2
     assert 0.0 <= one["metrics"]["test/cgF1"] <= 100.0 and one["metrics"]["test/num_pairs"] > 0
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_meta
 from transformers import Sam3Model
 
-pytest.importorskip("sam3.model.sam3_image", reason="Meta's sam3 package: pip install --no-deps sam3==0.1.4")
+import_meta("sam3.model.sam3_image")  # skips without Meta's sam3 package, fails under CI
 
 from meta_reference import (  # noqa: E402
     build_meta_image_model, cpu_workarounds, meta_checkpoint, meta_datapoint, meta_find_target, randomize_,

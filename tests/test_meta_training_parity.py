@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import import_meta
 
-pytest.importorskip("sam3.model.sam3_image", reason="Meta's sam3 package: pip install --no-deps sam3==0.1.4")
-pytest.importorskip("hydra", reason="Meta's optimiser code imports hydra-core and fvcore")
-pytest.importorskip("fvcore", reason="Meta's optimiser code imports hydra-core and fvcore")
+for _module in ("sam3.model.sam3_image", "hydra", "fvcore"):  # Meta's model; its optimiser code imports the others
+    import_meta(_module)  # skips without them, fails under CI
 
 from lightning.pytorch.plugins.precision import Precision  # noqa: E402
 from meta_reference import (  # noqa: E402

@@ -136,12 +136,12 @@ def test_eval_targets_are_pixels_in_the_content_frame():
 
 
 def test_overfits_a_fixed_batch_of_eight_images(shapes_batch):
-    """Loss on 8 fixed images falls by 40% in 50 steps; its box and presence terms by far more.
+    """Loss on 8 fixed images falls by 40% in 50 steps; its box term by half, its presence term by 90%.
 
     Fails if gradients, matching or the weighting were wrong (the model would not fit what it sees).
     """
     torch.manual_seed(0)
-    module = Sam3LitModule(preset="tiny", init="xavier", model_overrides={"dropout": 0.0})  # the init it was written for
+    module = Sam3LitModule(preset="tiny", model_overrides={"dropout": 0.0})  # the default init (Meta's)
     optimizer = torch.optim.AdamW(module.detector.parameters(), lr=1e-3)
     module.train()
     history = []
@@ -161,8 +161,12 @@ def test_overfits_a_fixed_batch_of_eight_images(shapes_batch):
 
     assert all(math.isfinite(h["loss"]) for h in history)
     first, last = history[:1], history[-5:]
-    # The total plateaus near half its start within 50 steps (the semantic terms learn slowly), and
-    # where it lands depends on float summation order (threads): the margins leave room for that.
+    # The total falls to about a third of its start within 50 steps (0.25-0.37 measured over seeds and
+    # thread counts; the semantic terms learn slowly), and where it lands depends on float summation
+    # order (threads): the margins leave room for that.
     assert mean("loss", last) < 0.6 * mean("loss", first), [round(h["loss"]) for h in history]
-    assert mean("loss_bbox", last) < 0.3 * mean("loss_bbox", first)
+    # Meta's init starts each query at its own reference box (the box head's last layer is zero), so the
+    # box term starts low (0.40 here; 1.49 from Xavier's) and falls less far: to 0.34 of its start
+    # (0.31 on two threads; 0.19 and 0.21 with seeds 1 and 2). Halving it shows the boxes fit.
+    assert mean("loss_bbox", last) < 0.5 * mean("loss_bbox", first)
     assert mean("loss_presence", last) < 0.1 * mean("loss_presence", first)

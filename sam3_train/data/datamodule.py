@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sam3_train.data.collate import Collator, Tokenizer
+from sam3_train.data.decode import QuerySelector
 from sam3_train.data.loader import StreamLoader
 from sam3_train.data.phrases import select_queries
 from sam3_train.data.pipeline import ShardStream, SkipCounter
@@ -42,6 +43,15 @@ from sam3_train.dist import rank_and_world
 
 def _select(queries: list[dict], rng: random.Random, *, max_queries: int | None, negative_share: float) -> list[dict]:
     return select_queries(queries, max_queries=max_queries, negative_share=negative_share, rng=rng)
+
+
+def query_selector(*, max_queries: int | None, negative_share: float) -> QuerySelector:
+    """The training stream's per-image query selection, as ``ShardStream(select=...)`` takes it:
+    ``(queries, rng) -> queries``, :func:`~sam3_train.data.phrases.select_queries` with these settings
+    (at most ``max_queries`` labelled queries, about ``negative_share`` of them negatives; images left
+    with none are skipped and counted by the stream). A ``partial`` of a module function, so that it
+    pickles into dataloader workers."""
+    return partial(_select, max_queries=max_queries, negative_share=negative_share)
 
 
 class Sam3DataModule(L.LightningDataModule):
@@ -171,7 +181,7 @@ class Sam3DataModule(L.LightningDataModule):
             )
         rank, world = self.rank_and_world
         max_q = self.max_phrases_per_image if train else self.eval_max_phrases
-        select = partial(_select, max_queries=max_q, negative_share=self.negative_share) if max_q is not None else None
+        select = query_selector(max_queries=max_q, negative_share=self.negative_share) if max_q is not None else None
         if train:
             transforms = train_transforms(
                 image_size=self.image_size, min_scale=self.min_scale, square=self.square_resize,
