@@ -73,9 +73,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Rename a finished folder ``tmp`` onto ``final`` (which must not exist, or be an empty folder)
-    and make the rename durable. The files inside must already be complete (written through
-    :func:`atomic_path` or closed and fsync'ed by their writer)."""
+    """Rename a finished folder (or file) ``tmp`` onto ``final`` (a folder must not exist there, or be
+    empty) and make the rename durable. What ``tmp`` holds must already be complete (written through
+    :func:`atomic_path`, a Lightning checkpoint save, or closed and fsync'ed by its writer)."""
     final = Path(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)

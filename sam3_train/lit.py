@@ -16,7 +16,7 @@ there, and ties a NaN loss to non-finite outputs so that backward still runs on 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch

@@ -24,7 +24,6 @@ import math
 import re
 from typing import Literal
 
-import torch
 from torch import nn
 
 Schedule = Literal["inverse_sqrt", "cosine", "constant"]

@@ -375,7 +375,7 @@ def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, 
         if interrupt:
             assert engine.proposed == 1 and calls == []  # proposals and examples reused
             assert {p: p.stat().st_mtime_ns for p in made} == made
-    (a_dir, a), (b_dir, b) = runs["a"], runs["b"]
+    (_, a), (b_dir, b) = runs["a"], runs["b"]
     assert a["checkpoints"] == b["checkpoints"]  # the same bytes: seeded fits of the same examples
     assert a["held_out"] == b["held_out"] and a["examples"] == b["examples"]
     assert a["examples"]["mask"]["rows"] == 6 + 11  # the hand-made test's proposal and ground-truth rows

@@ -44,7 +44,7 @@ from sam3_train.data.pipeline import ShardStream, SkipCounter, split_by_rank
 from sam3_train.data.shards import expand_urls
 from sam3_train.data.tokenizer import Sam3Tokenizer
 from sam3_train.data.transforms import eval_transforms
-from sam3_train.atomic import write_json_atomic
+from sam3_train.atomic import replace_dir, write_json_atomic
 from sam3_train.dist import rank_and_world
 from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_from_logits, candidate_record
 from sam3_train.engine.manifest import (
@@ -285,5 +285,5 @@ class ProposalWriter(BasePredictionWriter):
         write_json_atomic(self.tmp / SUMMARY, summary)
         if self.final.exists():
             shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
+        replace_dir(self.tmp, self.final)
         trainer.strategy.barrier("proposals written")

@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from sam3_train.atomic import PARTIAL_SUFFIX, write_json_atomic
+from sam3_train.atomic import PARTIAL_SUFFIX, replace_dir, write_json_atomic
 from sam3_train.dist import barrier, is_rank_zero, on_rank_zero, rank_and_world
 from sam3_train.engine.manifest import (
     FIT_CONFIG,
@@ -345,7 +344,7 @@ class Engine:
                     else str(init_from), "config_sha256": file_sha256(round_dir / FIT_CONFIG)}
         if is_rank_zero():
             write_json_atomic(round_dir / FIT_INFO, info)
-            os.replace(tmp, round_dir / MODEL)
+            replace_dir(tmp, round_dir / MODEL)  # SafeCheckpointIO wrote and fsync'ed it
         barrier()
         fault_point("fit")
         return trainer
