@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 from sam3_train.box_ops import cxcywh_to_xyxy
@@ -263,6 +265,18 @@ class Sam3LitModule(L.LightningModule):
                 f"{shown or '?'}. Lower model.lr, keep gradient clipping on (trainer.gradient_clip_val), check "
                 "those samples, or resume from an earlier checkpoint."
             )
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip under bf16-mixed too. Lightning's mixed-precision plugin refuses to clip for an optimiser
+        that unscales inside its step (the fused AdamW), which only fp16's GradScaler needs; bf16-mixed
+        has no scaler, so its gradients are the true ones and are clipped as under fp32."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._logs_this_step(stepped=True):
