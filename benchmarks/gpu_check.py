@@ -1,6 +1,6 @@
 """The first questions a user asks on a GPU, answered in one run of a few minutes: JSON and a table.
 
-    python benchmarks/gpu_check.py                                  # one GPU (H100: about 5 of the 8 budgeted minutes)
+    python benchmarks/gpu_check.py                                  # one GPU, within --budget-minutes (8)
     python benchmarks/gpu_check.py --dry-run --out /tmp/dry.json    # the same sections at tiny sizes on the CPU
     python benchmarks/gpu_check.py --sections sam3_full cli_ddp     # some sections only
 
