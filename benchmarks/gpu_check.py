@@ -367,7 +367,8 @@ def run_sections(names: list[str], sizes: Sizes, budget_s: float, root: Path,
         later = sum(sizes.min_seconds[n] for n in names[i + 1:])
         deadline = end - later  # this section's share: what the later sections need at least is kept for them
         if deadline - time.monotonic() < sizes.min_seconds[name] / 3:
-            results[name] = {"status": "skipped", "reason": f"time budget: {max(0.0, end - time.monotonic()):.0f} s left"}
+            left = max(0.0, end - time.monotonic())
+            results[name] = {"status": "skipped", "reason": f"time budget: {left:.0f} s left"}
             save(results)
             continue
         print(f"[gpu_check] {name} ...", flush=True)
@@ -432,7 +433,8 @@ def table(record: dict) -> str:
         if name == "cli_ddp" and "fit" in section:
             fit, predict = section["fit"], section.get("predict", {})
             lines.append(f"{name:<20}fit rc {fit.get('rc')} ({fit.get('backend')}, world {fit.get('world_size')}, "
-                         f"{fit.get('global_step')} steps, {fit.get('seconds', 0):.0f} s); predict rc {predict.get('rc')}, "
+                         f"{fit.get('global_step')} steps, {fit.get('seconds', 0):.0f} s); "
+                         f"predict rc {predict.get('rc')}, "
                          f"{predict.get('lines')} line(s) in {predict.get('file')}")
         if "error" in section:
             lines.append(f"{name:<20}ERROR {section['error'][:160]}")
@@ -466,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
 
-    with (nullcontext(str(args.work_dir)) if args.work_dir else tempfile.TemporaryDirectory(prefix="gpu_check_")) as work:
+    work_dir = nullcontext(str(args.work_dir)) if args.work_dir else tempfile.TemporaryDirectory(prefix="gpu_check_")
+    with work_dir as work:
         Path(work).mkdir(parents=True, exist_ok=True)
         sections = run_sections(names, sizes, args.budget_minutes * 60 - (time.perf_counter() - started), Path(work),
                                 save)

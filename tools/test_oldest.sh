@@ -3,7 +3,7 @@
 # libraries whose APIs sam3-train leans on most), without changing the environment:
 #
 #   tools/test_oldest.sh                                # the fast lane: pytest -m "not slow"
-#   tools/test_oldest.sh tests/test_lora.py -x          # any pytest arguments instead
+#   tools/test_oldest.sh tests/test_lora.py -x          # pytest arguments replace -m "not slow"
 #   PYTHON=/path/to/python TARGET=/tmp/oldest tools/test_oldest.sh
 #
 # How: pip resolves the three at their lower bounds against this environment with --dry-run (nothing
@@ -74,7 +74,8 @@ print("test_oldest: installed into", target, ":", ", ".join(f"{n} {i['metadata']
 EOF
 
 export PYTHONPATH="$PWD:$TARGET/hidden:$TARGET${PYTHONPATH:+:$PYTHONPATH}"
-"$PYTHON" -c "import transformers, lightning, peft; print('test_oldest: testing transformers', transformers.__version__, '| lightning', lightning.__version__, '| peft', peft.__version__)"
+"$PYTHON" -c "import transformers as t, lightning as l, peft as p
+print('test_oldest: testing transformers', t.__version__, '| lightning', l.__version__, '| peft', p.__version__)"
 if [ $# -eq 0 ]; then
   set -- -m "not slow"
 fi
