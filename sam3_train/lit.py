@@ -20,6 +20,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 from sam3_train.data.batch import Batch
@@ -234,6 +236,18 @@ class Sam3LitModule(L.LightningModule):
         if self._logs_this_step():
             for i, group in enumerate(self.optimizers().param_groups):
                 self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip under bf16-mixed too. Lightning's mixed-precision plugin refuses to clip for an optimiser
+        that unscales inside its step (the fused AdamW), which only fp16's GradScaler needs; bf16-mixed
+        has no scaler, so its gradients are the true ones and are clipped as under fp32."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _evaluate(self, batch: Batch, metrics: torch.nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
         outputs = self.detector(batch)
