@@ -4,8 +4,9 @@
 
 Training: detector forward on a pair batch (DAC halves on), ``Sam3Criterion`` terms logged as
 ``train/<term>``, their weighted total as ``train/loss``. Validation and test: eval-mode forward,
-post-processing to the input frame, cgF1 (masks and boxes), COCO mAP and presence accuracy logged as
-``val/<name>`` / ``test/<name>``. Prediction returns post-processed detections per pair.
+post-processing to the input frame, cgF1 (masks and boxes), COCO mAP, presence accuracy and the top
+query's box localisation (``top_box_iou_median``, ...) logged as ``val/<name>`` / ``test/<name>``.
+Prediction returns post-processed detections per pair.
 
 Non-finite steps: when the loss of any micro-batch or any gradient is NaN or infinite (on any rank),
 the optimiser step is skipped, counted as ``train/skipped_steps`` and named in a warning; the module
@@ -27,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from sam3_train.data.batch import Batch
 from sam3_train.data.frame import InputFrame
 from sam3_train.losses import Sam3Criterion
-from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
+from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy, TopQueryLocalisation
 from sam3_train.model import (
     ImageSizeError,
     Init,
@@ -190,7 +191,8 @@ class Sam3LitModule(L.LightningModule):
     @staticmethod
     def _metrics() -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict(
-            {"cgf1": CGF1(), "map": CocoMeanAveragePrecision(), "presence": PresenceAccuracy()}
+            {"cgf1": CGF1(), "map": CocoMeanAveragePrecision(), "presence": PresenceAccuracy(),
+             "localisation": TopQueryLocalisation()}
         )
 
     # ------------------------------------------------------------------ steps
@@ -258,6 +260,9 @@ class Sam3LitModule(L.LightningModule):
         metrics["cgf1"].update(preds, cgf1_targets(batch, targets))
         metrics["map"].update(preds, targets)
         metrics["presence"].update(outputs["presence_logit"].sigmoid(), targets)
+        # Whether boxes localise: every pair's top query, whatever its score (its box and mask only).
+        top = postprocess(outputs, batch, score_threshold=0.0, max_detections=1)
+        metrics["localisation"].update(top, cgf1_targets(batch, targets))
         return preds
 
     def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:

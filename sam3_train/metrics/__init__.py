@@ -4,6 +4,8 @@
 - :class:`CocoMeanAveragePrecision`: COCO mask and box mAP, one COCO image per (image, phrase) pair,
   gathered with ``all_gather_object`` so DDP ranks may see different numbers of pairs.
 - :class:`PresenceAccuracy`: the presence head's image-level decision, sum states.
+- :class:`TopQueryLocalisation`: the top query's box IoU with the ground truth and with its own mask's
+  box, whatever its score (medians from a 0.01-bin histogram), sum states.
 
 All take one entry per (image, phrase) pair: preds ``{"scores" [n], "masks" [n, H, W] bool,
 "boxes" [n, 4] xyxy pixels}``, targets ``{"masks" [m, H, W] bool, "boxes" [m, 4] xyxy pixels,
@@ -15,6 +17,8 @@ takes presence probabilities [P] instead of preds.
 from sam3_train.metrics.cgf1 import CGF1, IOU_THRESHOLDS
 from sam3_train.metrics.coco_map import CocoMeanAveragePrecision
 from sam3_train.metrics.iou import box_iou_coco, mask_iou
+from sam3_train.metrics.localisation import TopQueryLocalisation
 from sam3_train.metrics.presence import PresenceAccuracy
 
-__all__ = ["CGF1", "IOU_THRESHOLDS", "CocoMeanAveragePrecision", "PresenceAccuracy", "box_iou_coco", "mask_iou"]
+__all__ = ["CGF1", "IOU_THRESHOLDS", "CocoMeanAveragePrecision", "PresenceAccuracy", "TopQueryLocalisation", "box_iou_coco",
+           "mask_iou"]
