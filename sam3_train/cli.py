@@ -18,7 +18,10 @@ Fault tolerance comes with every run (docs/launching.md, "Resuming and preemptio
 are written atomically and loaded without running pickled code (``SafeCheckpointIO``), SIGTERM /
 SIGUSR1 save a checkpoint at the next step boundary (``Preemption``), unless the config names its
 own CheckpointIO plugin or Preemption callback. A ``--ckpt_path`` file is checked before anything
-is built, and an unknown option gets the nearest valid one suggested.
+is built, and an unknown option gets the nearest valid one suggested. The training bar counts steps
+out of ``max_steps`` (``StepProgressBar``) unless the config has its own progress bar or turns bars
+off. ``data.seed: null`` (the default) becomes the run's ``seed_everything``, so that seeds vary the
+data stream too; an explicit ``data.seed`` wins.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -39,6 +43,7 @@ from sam3_train.checkpointing import CheckpointError, SafeCheckpointIO, check_ch
 from sam3_train.data import Sam3DataModule
 from sam3_train.lit import Sam3LitModule
 from sam3_train.preemption import Preemption
+from sam3_train.progress import StepProgressBar
 
 _UNKNOWN = (re.compile(r"does not accept option '([^']+)'"), re.compile(r"unrecognized arguments: --?([^\s=]+)"))
 _SPECIAL_CKPT_PATHS = ("last", "hpc", "best")
@@ -140,6 +145,14 @@ class Sam3CLI(LightningCLI):
             self._model_before_ckpt = options.get("model").clone()
 
     def before_instantiate_classes(self) -> None:
+        # LightningCLI has seeded by now (seed_everything: an int, the drawn one for `true`, or false).
+        # The DataModule's seed follows it unless set: seeds vary the data stream too, and the saved
+        # config records the value. Seed 0 keeps the stream the default data.seed 0 gave.
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        data = config.get("data")
+        if data is not None and "seed" in data and data.seed is None:
+            seed = config.get("seed_everything")
+            data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
         # LightningCLI has replaced the model's settings by the checkpoint's hyper-parameters: say which.
         before = getattr(self, "_model_before_ckpt", None)
         if before is None:
@@ -159,6 +172,10 @@ class Sam3CLI(LightningCLI):
         callbacks = as_list(kwargs.pop("callbacks", config.get("callbacks")))
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
+        # The step out of max_steps, not "Epoch 3/-2" (runs are step-bounded): unless bars are off or chosen.
+        bars_on = kwargs.get("enable_progress_bar", config.get("enable_progress_bar")) is not False
+        if bars_on and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
 

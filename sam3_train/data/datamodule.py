@@ -74,7 +74,8 @@ class Sam3DataModule(L.LightningDataModule):
         resampled, steps_per_epoch: training draws shards with replacement and every rank runs
             exactly ``steps_per_epoch`` batches per epoch (needed for DDP; see pipeline.py).
         shuffle_buffer: training samples in the shuffle buffer.
-        seed: base seed for shard order, buffer, transforms and phrase sampling.
+        seed: base seed for shard order, buffer, transforms and phrase sampling; None: the run's
+            ``seed_everything`` (``Sam3CLI`` fills it in), 0 when built without the CLI.
         min_scale: smallest training resize as a share of S (SAM 3: 480 / 1008); 1 disables it.
         square_resize: SAM 3's square resize; False keeps the aspect ratio (longest side).
         hflip: flip probability; color_jitter: strength of brightness / contrast / saturation jitter.
@@ -105,7 +106,7 @@ class Sam3DataModule(L.LightningDataModule):
         resampled: bool = True,
         steps_per_epoch: int = 250,
         shuffle_buffer: int = 256,
-        seed: int = 0,
+        seed: int | None = None,
         min_scale: float = 0.5,
         square_resize: bool = True,
         hflip: float = 0.5,
@@ -127,7 +128,7 @@ class Sam3DataModule(L.LightningDataModule):
         self.max_phrases_per_image, self.negative_share = max_phrases_per_image, negative_share
         self.eval_max_phrases = eval_max_phrases
         self.resampled, self.steps_per_epoch, self.shuffle_buffer = resampled, steps_per_epoch, shuffle_buffer
-        self.seed, self.min_scale, self.square_resize = seed, min_scale, square_resize
+        self.seed, self.min_scale, self.square_resize = 0 if seed is None else seed, min_scale, square_resize
         self.hflip, self.color_jitter = hflip, color_jitter
         self.exemplar_box_noise, self.exemplar_box_noise_max = exemplar_box_noise, exemplar_box_noise_max
         self.tokenizer_path = tokenizer_path

@@ -20,5 +20,5 @@ from sam3_train.metrics.iou import box_iou_coco, mask_iou
 from sam3_train.metrics.localisation import TopQueryLocalisation
 from sam3_train.metrics.presence import PresenceAccuracy
 
-__all__ = ["CGF1", "IOU_THRESHOLDS", "CocoMeanAveragePrecision", "PresenceAccuracy", "TopQueryLocalisation", "box_iou_coco",
-           "mask_iou"]
+__all__ = ["CGF1", "IOU_THRESHOLDS", "CocoMeanAveragePrecision", "PresenceAccuracy", "TopQueryLocalisation",
+           "box_iou_coco", "mask_iou"]
