@@ -4,6 +4,15 @@
     python benchmarks/bench_step.py --profile           # + torch.profiler's top operators
     python benchmarks/bench_step.py --compile vision    # + the step with torch.compile'd parts, same run
     python benchmarks/bench_step.py --bf16              # + the step under CPU bf16 autocast (Lightning's bf16-mixed)
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py --sweep --threads 1   # throughput against the batch shape
+
+``--sweep`` times the fused step (no AdamW variants) for each batch shape of ``--shapes`` (images x
+phrases per image, default 4 to 32 images at 6 phrases and 3 to 12 phrases at 8 images) and each preset
+of ``--presets`` (``tiny``: configs/shapes_tiny.yaml, ``small``: configs/shapes_small.yaml), and prints
+images/s, (image, phrase) pairs/s (the pairs a batch really holds: images have few labelled phrases),
+the step's GFLOP, the fp32 matmul rate measured right before each shape's timed steps, the step's
+share of it and the 1-minute load average (others' work on a shared machine).
+Where images/s stops growing with the batch, the step has stopped being dispatch-bound.
 
 One step = the detector's training forward (DAC halves), the objective, backward, gradient clipping
 and AdamW, on pre-materialised batches of the built-in shapes dataset at the config's settings (no
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -41,17 +51,68 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.yaml"
 SPLITS = {"train": 64, "val": 8, "test": 8}
 
 
-def build(config: Path, shapes_root: str, num_batches: int):
+PRESET_CONFIGS = {"tiny": CONFIG, "small": CONFIG.with_name("shapes_small.yaml")}
+SWEEP_SHAPES = ["4x6", "8x6", "16x6", "32x6", "8x3", "8x12"]
+
+
+def build(config: Path, shapes_root: str, num_batches: int, **data_overrides):
+    """The config's LightningModule and ``num_batches`` training batches (``data_overrides``: e.g.
+    ``batch_size``, ``max_phrases_per_image``)."""
     cfg = yaml.safe_load(config.read_text())
     model = dict(cfg["model"])
     criterion = Sam3Criterion(**model.pop("criterion")["init_args"])
     module = Sam3LitModule(**model, criterion=criterion, image_size=cfg["data"]["image_size"])
-    data = {**cfg["data"], "shapes_root": shapes_root, "shapes_splits": SPLITS, "num_workers": 0}
+    data = {**cfg["data"], "shapes_root": shapes_root, "shapes_splits": SPLITS, "num_workers": 0, **data_overrides}
     dm = Sam3DataModule(**data)
     dm.prepare_data()
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
     return module, [next(loader) for _ in range(num_batches)]
+
+
+def train_step(detector, criterion, batch, opt, bf16: bool = False) -> None:
+    """One optimiser step as ``Sam3LitModule`` trains: forward, objective, backward, clipping, AdamW."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:  # what Lightning's bf16-mixed wraps: the forward and the objective
+        outputs = detector(batch)
+        loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
+    opt.step()
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Throughput of the fused step for each preset and batch shape (see the module docstring)."""
+    print(f"{'preset':<6} {'shape':>6} {'pairs':>6} {'GFLOP':>6} {'s/step':>7} {'img/s':>6} {'pairs/s':>8} "
+          f"{'matmul':>7} {'share':>6} {'load':>5}   ({args.threads} threads, {args.steps} timed steps a shape)")
+    for preset in args.presets:
+        for shape in args.shapes:
+            images, phrases = (int(v) for v in shape.split("x"))
+            torch.manual_seed(0)
+            with tempfile.TemporaryDirectory() as shapes_root:
+                module, batches = build(PRESET_CONFIGS[preset], shapes_root, args.steps + 2,
+                                        batch_size=images, max_phrases_per_image=phrases)
+            detector, criterion, h = module.detector.train(), module.criterion, module.hparams
+            opt = torch.optim.AdamW(param_groups(detector, lr=h.lr, lr_vision=h.lr_vision, lr_text=h.lr_text,
+                                                 layer_decay=h.layer_decay, weight_decay=h.weight_decay),
+                                    lr=h.lr, fused=True)
+            train_step(detector, criterion, batches[0], opt)  # warm-up: optimiser state allocated
+            with FlopCounterMode(display=False) as counter:
+                train_step(detector, criterion, batches[1], opt)
+            timed = batches[2:]
+            # The rate right before the timed steps: a shared machine's load changes within a sweep.
+            rate = statistics.median(matmul_gflops() for _ in range(3))
+            start = time.perf_counter()
+            for batch in timed:
+                train_step(detector, criterion, batch, opt)
+            seconds = (time.perf_counter() - start) / len(timed)
+            # FLOPs of batch 1 scaled to the timed batches' mean pair count (the pair count varies).
+            pairs = statistics.mean(b.num_pairs for b in timed)
+            gflop = counter.get_total_flops() / 1e9 * pairs / batches[1].num_pairs
+            print(f"{preset:<6} {shape:>6} {pairs:6.1f} {gflop:6.1f} {seconds:7.3f} {images / seconds:6.1f} "
+                  f"{pairs / seconds:8.1f} {rate:7.0f} {100 * gflop / seconds / rate:5.1f}% {os.getloadavg()[0]:5.1f}",
+                  flush=True)
 
 
 def main() -> None:
@@ -67,8 +128,15 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="also time the step with forward and objective under torch.autocast('cpu', bfloat16), "
                              "next to the bf16 matmul rate")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the throughput sweep over --shapes and --presets (module docstring)")
+    parser.add_argument("--shapes", nargs="+", default=SWEEP_SHAPES, help="IMAGESxPHRASES batch shapes of --sweep")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESET_CONFIGS), default=["tiny", "small"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        sweep(args)
+        return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as shapes_root:
         module, batches = build(args.config, shapes_root, args.steps + 2)
@@ -82,14 +150,7 @@ def main() -> None:
         return torch.optim.AdamW(groups, lr=h.lr, **options)
 
     def step(batch, opt, bf16: bool = False) -> None:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:  # what Lightning's bf16-mixed wraps: the forward and the objective
-            outputs = detector(batch)
-            loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
-        opt.step()
+        train_step(detector, criterion, batch, opt, bf16)
 
     opt = optimizer("fused")
     step(batches[0], opt)
