@@ -20,8 +20,8 @@ SIGUSR1 save a checkpoint at the next step boundary (``Preemption``), unless the
 own CheckpointIO plugin or Preemption callback. A ``--ckpt_path`` file is checked before anything
 is built, and an unknown option gets the nearest valid one suggested. The training bar counts steps
 out of ``max_steps`` (``StepProgressBar``) unless the config has its own progress bar or turns bars
-off. ``data.seed: null`` (the default) becomes the run's ``seed_everything``, so that seeds vary the
-data stream too; an explicit ``data.seed`` wins.
+off. ``data.seed: null`` (the default) becomes the run's ``seed_everything`` when that is a number,
+so that seeds vary the data stream too; an explicit ``data.seed`` wins.
 """
 
 from __future__ import annotations
@@ -114,6 +114,17 @@ def redirect_outputs(cfg: dict[str, Any], out_dir: str | Path, *, logs_subdir: s
     return out
 
 
+def _resolve_data_seed(config: Any) -> None:
+    """``data.seed: null`` -> the run's ``seed_everything`` when that is a number (seeds vary the data
+    stream too; the saved config records the value), else 0: a drawn seed (``true``) changes at every
+    launch, and ``--ckpt_path`` must resume the stream it interrupted. Read before LightningCLI seeds,
+    which replaces ``true`` by the drawn number. Seed 0 keeps the stream the fixed default 0 gave."""
+    data = config.get("data")
+    if data is not None and "seed" in data and data.seed is None:
+        seed = config.get("seed_everything")
+        data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
 class Sam3CLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("parser_class", Sam3ArgumentParser)
@@ -136,6 +147,7 @@ class Sam3CLI(LightningCLI):
         # LightningCLI reads --ckpt_path's hyper-parameters next, with torch's bare errors: check it first.
         subcommand = self.config.get("subcommand")
         options = self.config.get(subcommand) if subcommand else None
+        _resolve_data_seed(options if options is not None else self.config)
         ckpt_path = options.get("ckpt_path") if options is not None else None
         if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
             try:
@@ -145,14 +157,6 @@ class Sam3CLI(LightningCLI):
             self._model_before_ckpt = options.get("model").clone()
 
     def before_instantiate_classes(self) -> None:
-        # LightningCLI has seeded by now (seed_everything: an int, the drawn one for `true`, or false).
-        # The DataModule's seed follows it unless set: seeds vary the data stream too, and the saved
-        # config records the value. Seed 0 keeps the stream the default data.seed 0 gave.
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        data = config.get("data")
-        if data is not None and "seed" in data and data.seed is None:
-            seed = config.get("seed_everything")
-            data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
         # LightningCLI has replaced the model's settings by the checkpoint's hyper-parameters: say which.
         before = getattr(self, "_model_before_ckpt", None)
         if before is None:

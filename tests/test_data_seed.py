@@ -41,6 +41,7 @@ def _restore_seed_env(monkeypatch):
     (("--seed_everything=3", "--data.seed=7"), 7),  # an explicit data.seed wins
     (("--seed_everything=0",), 0),
     (("--seed_everything=false",), 0),  # no run seed: the old fixed default
+    (("--seed_everything=true",), 0),  # a drawn seed changes at every launch: a resume would lose its stream
 ])
 def test_data_seed_follows_seed_everything_unless_set(tmp_path, shapes_root, args, seed):
     cli = _cli(tmp_path, shapes_root, *args)

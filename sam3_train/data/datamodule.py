@@ -75,7 +75,7 @@ class Sam3DataModule(L.LightningDataModule):
             exactly ``steps_per_epoch`` batches per epoch (needed for DDP; see pipeline.py).
         shuffle_buffer: training samples in the shuffle buffer.
         seed: base seed for shard order, buffer, transforms and phrase sampling; None: the run's
-            ``seed_everything`` (``Sam3CLI`` fills it in), 0 when built without the CLI.
+            ``seed_everything`` when that is a number (``Sam3CLI`` fills it in), else 0.
         min_scale: smallest training resize as a share of S (SAM 3: 480 / 1008); 1 disables it.
         square_resize: SAM 3's square resize; False keeps the aspect ratio (longest side).
         hflip: flip probability; color_jitter: strength of brightness / contrast / saturation jitter.
