@@ -53,7 +53,7 @@ def test_hand_computed_medians_means_and_shares():
     metric.update(*zip(*PAIRS))
     v = _values(metric)
     assert v["localisation_num_pairs"] == 3 and v["localisation_num_skipped"] == 0
-    # IoUs (1, 1/3, 0): rounded down to 0.01 -> (0.99... the last bin starts at 0.99), median 0.33.
+    # IoUs (1, 1/3, 0) rounded down to their bins: (0.99, 0.33, 0.0) (IoU 1 joins the last bin), median 0.33.
     assert v["top_box_iou_median"] == pytest.approx(0.33)
     assert v["top_box_iou_mean"] == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert v["top_box_iou@50"] == pytest.approx(1 / 3) and v["top_box_iou@75"] == pytest.approx(1 / 3)
