@@ -17,6 +17,7 @@ from PIL import Image
 
 from sam3_train.data import rle
 from sam3_train.data.batch import Batch
+from sam3_train.finetune import ZeroShotBaseline
 from sam3_train.optim import LRSchedule
 from sam3_train.visualize import denormalise, label_map, overlay, slug
 
@@ -206,7 +207,9 @@ def matmul_gflops(size: int = 1024, seconds: float = 0.3, dtype: torch.dtype = t
 class RunSummary(L.Callback):
     """Prints, on rank 0, the measured step rate and an ETA early in ``fit`` (steps ``skip`` to
     ``skip + window`` after the start, next to this machine's matmul rate), and at the end the last
-    validation metrics, the whole run's step rate and where things are.
+    validation metrics (per named validation set), the whole run's step rate and where things are; with
+    a :class:`~sam3_train.finetune.ZeroShotBaseline` callback also its verdict per validation set
+    (zero-shot -> best -> last, forgetting, whether the fine-tune beat the start).
 
     Args:
         skip: steps left out of the measurement (warm-up: first allocations, worker start).
@@ -255,9 +258,15 @@ class RunSummary(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         lines = ["", "sam3-train: fit finished"]
-        for key in ("val/cgF1", "val/cgF1@50", "val/IL_MCC", "val/pmF1", "val/mAP", "val/presence_accuracy"):
-            if key in metrics:
-                lines.append(f"  {key:<24} {metrics[key]:.2f}")
+        names = ("cgF1", "cgF1@50", "IL_MCC", "pmF1", "mAP", "presence_accuracy")
+        sets = getattr(trainer.datamodule, "val_set_names", None) if trainer.datamodule is not None else None
+        for prefix in [f"val/{s}/" for s in sets] if sets else ["val/"]:
+            for key in (prefix + name for name in names):
+                if key in metrics:
+                    lines.append(f"  {key:<24} {metrics[key]:.2f}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, ZeroShotBaseline):  # per set zero-shot -> best -> last, and the verdict
+                lines += callback.summary_lines(trainer, pl_module)
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint               {ckpt.last_model_path}")
