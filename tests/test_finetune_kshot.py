@@ -128,3 +128,43 @@ def test_runner_commands_train_on_each_seeds_subset_and_mix_general(tmp_path, ca
     assert copy["trainer"]["default_root_dir"] == str(tmp_path / "seed3")
     assert all(c["init_args"]["dirpath"] == str(tmp_path / "seed3" / "checkpoints")
                for c in copy["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+
+
+@pytest.mark.slow
+def test_runner_fine_tunes_each_seed_and_reports_mean_and_spread(coco_path, tmp_path, capsys):
+    """tools/kshot.py end to end: two seeds of a 2-shot subset, a tiny model two steps each, through the real CLI."""
+    import yaml
+
+    root = tmp_path / "cfg"
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 2, "val_check_interval": 2,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                    "log_every_n_steps": 1, "default_root_dir": str(root),
+                    "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(root), "name": "csv"}}],
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": str(root / "checkpoints"), "monitor": "val/domain/cgF1",
+                                       "mode": "max", "save_top_k": 1}},
+                        {"class_path": "sam3_train.finetune.ZeroShotBaseline", "init_args": {"monitor": "val/domain/cgF1"}}]},
+        "model": {"preset": "tiny", "warmup_steps": 1},
+        "data": {"image_size": 112, "batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "steps_per_epoch": 2,
+                 "shuffle_buffer": 4, "max_phrases_per_image": 3},
+    }
+    root.mkdir()
+    (root / "fit.yaml").write_text(yaml.safe_dump(config))
+    images = str(coco_path.parent / "images")
+    out = tmp_path / "kshot"
+    argv = ["--train-annotations", str(coco_path), "--train-images", images, "--val-annotations", str(coco_path),
+            "--val-images", images, "--shots", "2", "--seeds", "0", "1", "--config", str(root / "fit.yaml"),
+            "--out", str(out), "--", "--trainer.limit_val_batches=2"]
+    assert kshot.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "kshot_summary.json").read_text())
+    domain = result["sets"]["domain"]
+    per_seed = [json.loads((out / f"seed{s}" / "finetune_summary.json").read_text())["sets"]["domain"] for s in (0, 1)]
+    assert domain["zero_shot"]["values"] == [p["zero_shot"] for p in per_seed]
+    assert domain["best"]["mean"] == pytest.approx(statistics.fmean(p["best"] for p in per_seed))
+    assert f"{domain['best']['mean']:.2f} +- {domain['best']['sd']:.2f}" in printed
+    assert (out / "shards" / "train-seed0" / "train-2shot-seed0.json").is_file()
+    assert (out / "seed1" / "checkpoints").is_dir() and not (root / "checkpoints").exists()
