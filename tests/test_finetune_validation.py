@@ -10,7 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fault_cli import fit_config, logged, output, run
+import yaml
+from fault_cli import callback, fit_config, logged, output, run
 
 from sam3_train.finetune import SUMMARY_FILE, ZeroShotBaseline, set_name
 
@@ -130,3 +131,35 @@ def test_fine_tune_that_cannot_beat_zero_shot_points_at_the_start(shapes_root, t
     assert summary["beat_start"] is False
     assert summary["sets"]["domain"]["best"] == summary["sets"]["domain"]["zero_shot"]
     assert "NEVER BEAT ZERO-SHOT on val/domain/cgF1" in output(proc)
+
+
+@pytest.mark.slow
+def test_recipe_under_ddp_runs_equal_steps_and_logs_shares_over_both_ranks(shapes_root, tmp_path):
+    """Two CPU ranks (gloo): two weighted sources, two validation sets and the zero-shot validation; both
+    ranks run the same steps, and the logged shares are reduced over both ranks' images."""
+    root = tmp_path / "ddp"
+    ddp = ["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+           "--trainer.strategy.find_unused_parameters=true"]
+    proc = run(["fit", "--config", str(_config(root, shapes_root)), *ddp, callback("RankRecorder", out_dir=str(tmp_path))],
+               tmp_path)
+    assert proc.returncode == 0, output(proc)[-4000:]
+    assert [(tmp_path / f"done-rank{r}").read_text() for r in (0, 1)] == ["4 4", "4 4"]  # global_step, batches
+    rows = _rows(root)
+    shares = [float(r["train/source_share/domain"]) for r in rows if r.get("train/source_share/domain")]
+    # Expected: the images both ranks drew this epoch (the stream is a function of seed, epoch and rank).
+    from fault_cli import IMAGE_SIZE
+    from conftest import SHAPES_SPLITS
+    from sam3_train.data import Sam3DataModule
+    from sam3_train.data.loader import StreamLoader
+
+    data = yaml.safe_load((root / "fit.yaml").read_text())["data"]
+    drawn = []
+    for rank in (0, 1):
+        dm = Sam3DataModule(**{**data, "shapes_splits": SHAPES_SPLITS, "image_size": IMAGE_SIZE})
+        dm.setup("fit")
+        stream = dm._stream("train", train=True)
+        stream.rank, stream.world_size = rank, 2
+        drawn += [s for b in StreamLoader(stream, epoch_fn=lambda: 0) for s in b.sources]
+    assert len(drawn) == 16 and shares == [pytest.approx(drawn.count("domain") / 16)]
+    assert [int(r["step"]) for r in rows if r.get("val/general/cgF1")] == [0, 1, 3]
+    assert json.loads((root / SUMMARY_FILE).read_text())["sets"]["general"]["zero_shot"] is not None
