@@ -146,7 +146,8 @@ def _coco_result(image_id: str | int, phrase: str, detection: dict) -> dict:
 class ValidationImages(L.Callback):
     """Logs ground truth and predicted masks of the first ``num_images`` validation images per phrase:
     to W&B as ``wandb.Image`` with one label map per mask set, and as PNG overlays under
-    ``{default_root_dir}/overlays/step{N}`` for every logger."""
+    ``{default_root_dir}/overlays/step{N}`` for every logger (with named validation sets: one image
+    list ``val/<set>/examples`` and one folder ``step{N}/<set>`` per set)."""
 
     def __init__(self, *, num_images: int = 4, max_phrases: int = 3):
         self.num_images = num_images
@@ -157,6 +158,10 @@ class ValidationImages(L.Callback):
         if batch_idx != 0 or not trainer.is_global_zero or trainer.sanity_checking or outputs is None:
             return
         out_dir = Path(trainer.default_root_dir) / "overlays" / f"step{trainer.global_step:06d}"
+        sets = getattr(trainer.datamodule, "val_set_names", None) if trainer.datamodule is not None else None
+        if sets:  # named validation sets (data.val_sets): a folder and a W&B key per set
+            out_dir = out_dir / sets[dataloader_idx]
+        key = f"val/{sets[dataloader_idx]}/examples" if sets else "val/examples"
         out_dir.mkdir(parents=True, exist_ok=True)
         panels = []
         for i in range(min(self.num_images, batch.num_images)):
@@ -183,7 +188,7 @@ class ValidationImages(L.Callback):
                     })
                     for picture, truth, pred, phrase in panels
                 ]
-                logger.experiment.log({"val/examples": images, "trainer/global_step": trainer.global_step})
+                logger.experiment.log({key: images, "trainer/global_step": trainer.global_step})
 
 
 def _labels(phrase: str, n: int) -> dict[int, str]:

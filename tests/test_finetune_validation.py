@@ -73,6 +73,7 @@ def _config(root: Path, shapes_root: str, *, model=None, zero_shot: bool = True)
         {"class_path": "sam3_train.finetune.ZeroShotBaseline",
          "init_args": {"monitor": MONITOR, "validate_at_start": zero_shot}},
         {"class_path": "sam3_train.callbacks.RunSummary"},
+        {"class_path": "sam3_train.callbacks.ValidationImages", "init_args": {"num_images": 1, "max_phrases": 1}},
     ]
     return fit_config(
         root, shapes_root,
@@ -112,6 +113,8 @@ def test_fit_validates_zero_shot_first_logs_named_sets_and_keeps_training_bitwis
     text = output(proc)
     assert "zero-shot -> best -> last" in text and "sam3-train: zero-shot val/domain/cgF1" in text
     assert sorted(p.name for p in (root / "checkpoints").glob("best-*.ckpt")) != []
+    for step in ("step000000", "step000004"):  # the zero-shot pictures too, one folder per set
+        assert all(list((root / "overlays" / step / name).glob("*.png")) for name in ("domain", "general"))
 
     # The zero-shot validation does not move the training's random stream or its data: same losses.
     plain = tmp_path / "plain"
