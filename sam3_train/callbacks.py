@@ -17,7 +17,6 @@ from PIL import Image
 
 from sam3_train.data import rle
 from sam3_train.data.batch import Batch
-from sam3_train.finetune import ZeroShotBaseline
 from sam3_train.optim import LRSchedule
 from sam3_train.visualize import denormalise, label_map, overlay, slug
 
@@ -270,7 +269,8 @@ class RunSummary(L.Callback):
                 if key in metrics:
                     lines.append(f"  {key:<24} {metrics[key]:.2f}")
         for callback in trainer.callbacks:
-            if isinstance(callback, ZeroShotBaseline):  # per set zero-shot -> best -> last, and the verdict
+            # finetune.ZeroShotBaseline (same layer, not imported): per set zero-shot -> best -> last, the verdict
+            if callable(getattr(callback, "summary_lines", None)):
                 lines += callback.summary_lines(trainer, pl_module)
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):

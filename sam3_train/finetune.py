@@ -1,4 +1,5 @@
-"""Judging a fine-tune against its start: the zero-shot validation and the before / best / last verdict.
+"""Fine-tuning callbacks: the zero-shot validation and the before / best / last verdict
+(:class:`ZeroShotBaseline`), and the logged share of each weighted training source (:class:`SourceShare`).
 
     trainer:
       callbacks:
@@ -31,10 +32,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from sam3_train.data.mixing import source_shares
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "finetune_summary.json"
@@ -188,3 +191,21 @@ class ZeroShotBaseline(L.Callback):
         elif report["beat_start"] and report["best_checkpoint"]:
             lines.append(f"  best checkpoint          {report['best_checkpoint']}")
         return lines
+
+
+class SourceShare(L.Callback):
+    """Logs ``train/source_share/<name>``: the share of this epoch's training images that came from each
+    training source (``Batch.sources``), weighted by images and reduced over ranks (``sync_dist``), so
+    a 1:1 mix reads about 0.5 / 0.5. ``Sam3LitModule`` adds it when the data module names sources."""
+
+    def __init__(self, *, names: Sequence[str]):
+        self.names = list(names)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        sources = getattr(batch, "sources", None)
+        if not sources:
+            return
+        for name, share in source_shares(sources, self.names).items():
+            pl_module.log(f"train/source_share/{name}", share, on_step=False, on_epoch=True, sync_dist=True,
+                          batch_size=len(sources))

@@ -13,7 +13,8 @@ from conftest import SHAPES_SPLITS
 
 from sam3_train.data import Sam3DataModule
 from sam3_train.data.loader import StreamLoader
-from sam3_train.data.mixing import SourceShare, TrainSource, check_source_specs, mix_samples, source_shares
+from sam3_train.data.mixing import TrainSource, check_source_specs, mix_samples, source_shares
+from sam3_train.finetune import SourceShare
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -13,9 +13,9 @@ repeats while a large general source goes on. The choice of source is one draw o
 the stream (pipeline.py): a resumed pass replays it exactly, and every rank still runs
 ``steps_per_epoch`` batches (the mix needs ``resampled``).
 
-Each image carries its source's name (``Batch.sources``); :class:`SourceShare` logs the share of
-training images each source gave as ``train/source_share/<name>``, an image-weighted mean over the
-epoch that Lightning reduces over DDP ranks (sums of values and of counts).
+Each image carries its source's name (``Batch.sources``); ``sam3_train.finetune.SourceShare`` logs
+the share of training images each source gave as ``train/source_share/<name>``, an image-weighted
+mean over the epoch that Lightning reduces over DDP ranks (sums of values and of counts).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
-
-import lightning as L
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # becomes part of logged metric names
 
@@ -87,21 +85,3 @@ def source_shares(sources: Sequence[str], names: Sequence[str]) -> dict[str, flo
     counts = Counter(sources)
     total = max(1, len(sources))
     return {name: counts.get(name, 0) / total for name in names}
-
-
-class SourceShare(L.Callback):
-    """Logs ``train/source_share/<name>``: the share of this epoch's training images that came from each
-    training source (``Batch.sources``), weighted by images and reduced over ranks (``sync_dist``), so
-    a 1:1 mix reads about 0.5 / 0.5. ``Sam3LitModule`` adds it when the data module names sources."""
-
-    def __init__(self, *, names: Sequence[str]):
-        self.names = list(names)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        sources = getattr(batch, "sources", None)
-        if not sources:
-            return
-        for name, share in source_shares(sources, self.names).items():
-            pl_module.log(f"train/source_share/{name}", share, on_step=False, on_epoch=True, sync_dist=True,
-                          batch_size=len(sources))
