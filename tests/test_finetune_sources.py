@@ -109,6 +109,8 @@ def test_sources_need_resampling_and_exclude_train_shards(shapes_root):
         _datamodule(shapes_root, resampled=False)._stream("train", train=True)
     with pytest.raises(ValueError, match="both set"):
         Sam3DataModule(train_shards="x.tar", train_sources=[{"name": "a", "shards": "x.tar"}])
+    with pytest.raises(ValueError, match="val_sets: 'a/b'"):
+        Sam3DataModule(val_sets={"a/b": "x.tar"})
     with pytest.raises(FileNotFoundError, match=r"data.train_sources \(a\)"):
         Sam3DataModule(train_sources=[{"name": "a", "shards": "/nonexistent/x-{0..1}.tar"}]).setup("fit")
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from sam3_train.data.collate import Collator, Tokenizer
 from sam3_train.data.decode import QuerySelector
 from sam3_train.data.loader import StreamLoader
-from sam3_train.data.mixing import TrainSource, check_source_specs
+from sam3_train.data.mixing import TrainSource, check_name, check_source_specs
 from sam3_train.data.phrases import select_queries
 from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.shapes import DEFAULT_SPLITS, ensure_shapes_shards
@@ -137,6 +137,8 @@ class Sam3DataModule(L.LightningDataModule):
             raise ValueError("data.val_shards and data.val_sets are both set: use one (set val_shards: null)")
         if val_sets is not None and not val_sets:
             raise ValueError("data.val_sets is empty: name at least one set, or set it to null")
+        for name in val_sets or {}:
+            check_name(str(name), "data.val_sets:")
         self.save_hyperparameters()
         self.train_sources = check_source_specs(train_sources) if train_sources is not None else None
         self.val_sets = dict(val_sets) if val_sets is not None else None

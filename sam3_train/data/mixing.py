@@ -39,6 +39,13 @@ class TrainSource:
     weight: float
 
 
+def check_name(name: str, option: str) -> None:
+    """A source or validation-set name becomes part of metric names: letters, digits, ``_``, ``-``."""
+    if not _NAME.match(name):
+        raise ValueError(f"{option} {name!r}: use letters, digits, '_' and '-' only (it becomes part of the "
+                         "logged metric names, e.g. train/source_share/<name>, val/<name>/cgF1)")
+
+
 def check_source_specs(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validate ``data.train_sources`` entries (``{name, shards, weight}``, weight defaulting to 1);
     raise ValueError naming the entry and what to write instead."""
@@ -53,9 +60,7 @@ def check_source_specs(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"data.train_sources[{i}] has unknown keys {sorted(unknown)}: only name, shards, weight")
         name, weight = str(spec["name"]), float(spec.get("weight", 1.0))
-        if not _NAME.match(name):
-            raise ValueError(f"data.train_sources[{i}].name {name!r}: use letters, digits, '_' and '-' only "
-                             "(it names the logged train/source_share/<name>)")
+        check_name(name, f"data.train_sources[{i}].name")
         if name in seen:
             raise ValueError(f"data.train_sources: the name {name!r} is used twice")
         if not weight > 0:
