@@ -135,41 +135,46 @@ class ZeroShotBaseline(L.Callback):
         keys = sorted({k for k in [*(self.zero_shot or {}), *self.history] if set_name(k, self.metric)})
         return keys[0] if keys else None
 
+    def _best(self, points: list[tuple[int, float]]) -> tuple[int, float] | None:
+        best = None
+        for step, value in points:
+            if not math.isnan(value) and (best is None or self._better(value, best[1])):
+                best = (step, value)
+        return best
+
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> dict[str, Any]:
-        """``{"monitor", "sets": {set: {"metric", "zero_shot", "best", "best_step", "last", "last_step",
-        "forgot"}}, "beat_start", "best_checkpoint", "start_weights"}``; values None where unknown."""
+        """``{"monitor", "mode", "sets": {set: {"metric", "zero_shot", "best", "best_step", "last",
+        "last_step", "forgot", "at_selected"}}, "beat_start", "best_checkpoint",
+        "best_fine_tuned_checkpoint", "start_weights"}``; values None where unknown. ``at_selected`` is
+        the set's value at the weights kept as best (the start's when nothing beat it)."""
         zero = self.zero_shot or {}
-        sets: dict[str, dict[str, Any]] = {}
-        for key in sorted({k for k in [*zero, *self.history] if set_name(k, self.metric)}):
-            points = self.history.get(key, [])
-            best = None
-            for step, value in points:
-                if not math.isnan(value) and (best is None or self._better(value, best[1])):
-                    best = (step, value)
-            last = points[-1] if points else None
-            start = zero.get(key)
-            forgot = None
-            if start is not None and last is not None:
-                drop = (start - last[1]) if self.mode == "max" else (last[1] - start)
-                forgot = bool(drop > self.tolerance)
-            sets[set_name(key, self.metric)] = {
-                "metric": key, "zero_shot": start, "best": best[1] if best else None,
-                "best_step": best[0] if best else None, "last": last[1] if last else None,
-                "last_step": last[0] if last else None, "forgot": forgot}
         monitor = self._monitor()
         start_weights = None
         if pl_module is not None:
             start_weights = getattr(pl_module, "hparams", {}).get("pretrained")
         beat_start, best_checkpoint = None, None
-        fine_tuned = [v for _, v in self.history.get(monitor, []) if not math.isnan(v)] if monitor else []
+        selected = self._best(self.history.get(monitor, [])) if monitor else None
         checkpoint = next((c for c in trainer.checkpoint_callbacks
                            if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None) if monitor else None
         best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-        if monitor and fine_tuned:
-            best_tuned = max(fine_tuned) if self.mode == "max" else min(fine_tuned)
+        if selected is not None:
             start = zero.get(monitor)
-            beat_start = start is None or math.isnan(start) or self._better(best_tuned, start)
+            beat_start = start is None or math.isnan(start) or self._better(selected[1], start)
             best_checkpoint = best_path if beat_start else start_weights
+        sets: dict[str, dict[str, Any]] = {}
+        for key in sorted({k for k in [*zero, *self.history] if set_name(k, self.metric)}):
+            points = self.history.get(key, [])
+            best, last, start = self._best(points), (points[-1] if points else None), zero.get(key)
+            forgot = None
+            if start is not None and last is not None:
+                drop = (start - last[1]) if self.mode == "max" else (last[1] - start)
+                forgot = bool(drop > self.tolerance)
+            at_selected = start if beat_start is False else next(
+                (v for step, v in points if selected is not None and step == selected[0]), None)
+            sets[set_name(key, self.metric)] = {
+                "metric": key, "zero_shot": start, "best": best[1] if best else None,
+                "best_step": best[0] if best else None, "last": last[1] if last else None,
+                "last_step": last[0] if last else None, "forgot": forgot, "at_selected": at_selected}
         return {"monitor": monitor, "mode": self.mode, "sets": sets, "beat_start": beat_start,
                 "best_checkpoint": best_checkpoint, "best_fine_tuned_checkpoint": best_path,
                 "start_weights": start_weights}

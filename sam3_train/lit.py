@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sam3_train.data.batch import Batch
 from sam3_train.data.frame import InputFrame
+from sam3_train.finetune import SourceShare
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy
 from sam3_train.model import (
@@ -40,7 +41,6 @@ from sam3_train.model import (
 )
 from sam3_train.model import lora as lora_ckpt
 from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
-from sam3_train.finetune import SourceShare
 from sam3_train.nonfinite import SkipNonFinite
 from sam3_train.optim import LRSchedule, Schedule, param_groups
 from sam3_train.resume import ExactResume

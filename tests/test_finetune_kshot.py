@@ -104,8 +104,8 @@ def test_make_shards_writes_the_subset_as_shards_and_valid_coco(coco_path, tmp_p
 
 
 def test_runner_aggregates_mean_and_sample_spread():
-    summaries = {s: {"sets": {"domain": {"zero_shot": 10.0, "best": b, "last": b - 1}}} for s, b in
-                 [(0, 20.0), (1, 24.0), (2, 22.0)]}
+    summaries = {s: {"sets": {"domain": {"zero_shot": 10.0, "best": b, "last": b - 1, "at_selected": b}}}
+                 for s, b in [(0, 20.0), (1, 24.0), (2, 22.0)]}
     result = kshot.aggregate(summaries)
     assert result["domain"]["zero_shot"] == {"values": [10.0] * 3, "mean": 10.0, "sd": 0.0}
     assert result["domain"]["best"]["mean"] == 22.0 and result["domain"]["best"]["sd"] == statistics.stdev([20, 24, 22])
@@ -164,7 +164,7 @@ def test_runner_fine_tunes_each_seed_and_reports_mean_and_spread(coco_path, tmp_
     domain = result["sets"]["domain"]
     per_seed = [json.loads((out / f"seed{s}" / "finetune_summary.json").read_text())["sets"]["domain"] for s in (0, 1)]
     assert domain["zero_shot"]["values"] == [p["zero_shot"] for p in per_seed]
-    assert domain["best"]["mean"] == pytest.approx(statistics.fmean(p["best"] for p in per_seed))
-    assert f"{domain['best']['mean']:.2f} +- {domain['best']['sd']:.2f}" in printed
+    assert domain["at_selected"]["mean"] == pytest.approx(statistics.fmean(p["at_selected"] for p in per_seed))
+    assert f"{domain['at_selected']['mean']:.2f} +- {domain['at_selected']['sd']:.2f}" in printed
     assert (out / "shards" / "train-seed0" / "train-2shot-seed0.json").is_file()
     assert (out / "seed1" / "checkpoints").is_dir() and not (root / "checkpoints").exists()

@@ -122,3 +122,28 @@ def test_source_share_logs_image_weighted_shares():
                                                                                 kw["sync_dist"])))
     SourceShare(names=["a", "b"]).on_train_batch_end(None, module, None, types.SimpleNamespace(sources=["a", "b"]), 0)
     assert logged == [("train/source_share/a", 0.5, 2, True), ("train/source_share/b", 0.5, 2, True)]
+
+
+@pytest.mark.slow
+def test_killed_run_with_two_sources_resumes_bitwise(shapes_root, tmp_path):
+    """The real CLI, two weighted sources, two worker processes: a run killed (SIGKILL) mid-epoch and resumed
+    with --ckpt_path last logs bitwise the losses of an uninterrupted run."""
+    from fault_cli import callback, fit_config, logged, output, run
+
+    shards = _shards(shapes_root)
+    data = {"steps_per_epoch": 6, "num_workers": 2,
+            "train_sources": [{"name": "a", "shards": shards[:3], "weight": 1}, {"name": "b", "shards": shards[3:],
+                                                                                  "weight": 2}]}
+    trainer = {"max_steps": 6}
+    reference = fit_config(tmp_path / "reference", shapes_root, trainer=trainer, data=data)
+    interrupted = fit_config(tmp_path / "interrupted", shapes_root, trainer=trainer, data=data)
+    proc = run(["fit", "--config", str(reference)], tmp_path)
+    assert proc.returncode == 0, output(proc)[-4000:]
+    proc = run(["fit", "--config", str(interrupted), callback("SignalAt", step=3, signal="SIGKILL")], tmp_path)
+    assert proc.returncode == -9, output(proc)[-4000:]
+    proc = run(["fit", "--config", str(interrupted), "--ckpt_path", "last"], tmp_path)
+    assert proc.returncode == 0, output(proc)[-4000:]
+    expected = logged(tmp_path / "reference", 0)
+    assert [step for step, _ in expected] == [0, 1, 2, 3, 4, 5]
+    assert logged(tmp_path / "interrupted", 0) == expected[:3]  # killed at the start of step 4: checkpoint of step 2
+    assert logged(tmp_path / "interrupted", 1) == expected[2:]

@@ -43,8 +43,9 @@ def test_verdict_flags_forgetting_and_a_fine_tune_that_beat_the_start():
                    {MONITOR: [(10, 30.0), (20, 40.0), (30, 35.0)], "val/general/cgF1": [(10, 49.5), (20, 47.0), (30, 48.5)]})
     report = cb.report(_trainer("runs/x/best-step=20.ckpt"), SimpleNamespace(hparams={"pretrained": "ckpts/sam3"}))
     assert report["sets"]["domain"] == {"metric": MONITOR, "zero_shot": 20.0, "best": 40.0, "best_step": 20,
-                                        "last": 35.0, "last_step": 30, "forgot": False}
+                                        "last": 35.0, "last_step": 30, "forgot": False, "at_selected": 40.0}
     assert report["sets"]["general"]["forgot"] is True  # 50 -> 48.5: more than 1 point below zero-shot
+    assert report["sets"]["general"]["at_selected"] == 47.0  # at the domain's best step (20)
     assert report["beat_start"] is True and report["best_checkpoint"] == "runs/x/best-step=20.ckpt"
     lines = "\n".join(cb.summary_lines(_trainer("runs/x/best-step=20.ckpt")))
     assert "20.00 -> 40.00 (step 20) -> 35.00" in lines and "forgetting" in lines and "NEVER" not in lines
@@ -57,6 +58,7 @@ def test_verdict_points_at_the_start_when_never_beaten():
     report = cb.report(_trainer("runs/x/best-step=20.ckpt"), SimpleNamespace(hparams={"pretrained": "ckpts/sam3"}))
     assert report["beat_start"] is False and report["best_checkpoint"] == "ckpts/sam3"
     assert report["best_fine_tuned_checkpoint"] == "runs/x/best-step=20.ckpt"
+    assert report["sets"]["domain"]["at_selected"] == 20.0  # the start's value: the start is kept
     lines = "\n".join(cb.summary_lines(_trainer(), SimpleNamespace(hparams={"pretrained": "ckpts/sam3"})))
     assert "NEVER BEAT ZERO-SHOT on val/domain/cgF1: the best weights are the starting ones, ckpts/sam3" in lines
     low = _baseline({MONITOR: 20.0}, {MONITOR: [(10, 25.0)]}, mode="min")  # mode min: 25 is worse

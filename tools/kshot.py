@@ -16,8 +16,10 @@ go to ``OUT/seedS`` (``redirect_outputs``), training on that subset (mixed 1:1 w
 given) and validating on the whole validation split as the set ``domain`` (and ``--general-val`` as
 ``general``), with ``data.seed`` and ``seed_everything`` set to S. The configs must carry the
 ``ZeroShotBaseline`` callback (configs/sam3_finetune.yaml does): its ``finetune_summary.json`` gives
-the zero-shot, best and last values, which are printed as mean +- sample standard deviation over the
-seeds and written to ``OUT/kshot_summary.json``. Shards and finished seeds are reused on a rerun.
+the zero-shot value, the value of the weights kept as best (selected on the domain set; the start's
+if nothing beat it) and the last value, printed as mean +- sample standard deviation over the seeds
+and written to ``OUT/kshot_summary.json``. The figures are on the validation split that also selects
+the checkpoint: for a held-out figure, run ``sam3-train test`` on each kept checkpoint. Shards and finished seeds are reused on a rerun.
 Arguments after ``--`` go to every ``sam3-train fit``; ``--dry-run`` prints the commands only.
 """
 
@@ -99,14 +101,16 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(summaries: dict[int, dict[str, Any]], *, metric: str = "cgF1") -> dict[str, Any]:
-    """Per validation set: zero-shot, best fine-tuned and last values over seeds as {values, mean, sd}."""
+    """Per validation set: the zero-shot value, the value at the weights kept as best (``at_selected``:
+    chosen by the monitored set; the start's when no validation beat it), the set's own best and its
+    last value, each over the seeds as {values, mean, sd}."""
     out: dict[str, Any] = {}
     sets = sorted({name for s in summaries.values() for name in s["sets"]})
     for name in sets:
         row: dict[str, Any] = {"metric": metric}
-        for field in ("zero_shot", "best", "last"):
+        for field in ("zero_shot", "at_selected", "best", "last"):
             values = [s["sets"][name][field] for s in summaries.values()
-                      if name in s["sets"] and s["sets"][name][field] is not None]
+                      if name in s["sets"] and s["sets"][name].get(field) is not None]
             if values:
                 mean, sd = mean_spread(values)
                 row[field] = {"values": values, "mean": mean, "sd": sd}
@@ -116,10 +120,10 @@ def aggregate(summaries: dict[int, dict[str, Any]], *, metric: str = "cgF1") -> 
 
 def table(result: dict[str, Any], *, shots: int, seeds: list[int]) -> str:
     lines = [f"{shots}-shot, seeds {seeds}: mean +- sd over seeds",
-             f"{'set':<12} {'zero-shot':>16} {'fine-tuned (best)':>18} {'last':>16}"]
+             f"{'set':<16} {'zero-shot':>16} {'fine-tuned (kept)':>18} {'last':>16}"]
     cell = lambda r: f"{r['mean']:.2f} +- {r['sd']:.2f}" if r else "-"  # noqa: E731
     for name, row in result.items():
-        lines.append(f"{name + '/' + row['metric']:<12} {cell(row.get('zero_shot')):>16} {cell(row.get('best')):>18} "
+        lines.append(f"{name + '/' + row['metric']:<16} {cell(row.get('zero_shot')):>16} {cell(row.get('at_selected')):>18} "
                      f"{cell(row.get('last')):>16}")
     return "\n".join(lines)
 
