@@ -145,7 +145,8 @@ def _coco_result(image_id: str | int, phrase: str, detection: dict) -> dict:
 class ValidationImages(L.Callback):
     """Logs ground truth and predicted masks of the first ``num_images`` validation images per phrase:
     to W&B as ``wandb.Image`` with one label map per mask set, and as PNG overlays under
-    ``{default_root_dir}/overlays/step{N}`` for every logger."""
+    ``{default_root_dir}/overlays/step{N}`` for every logger (with named validation sets: one image
+    list ``val/<set>/examples`` and one folder ``step{N}/<set>`` per set)."""
 
     def __init__(self, *, num_images: int = 4, max_phrases: int = 3):
         self.num_images = num_images
@@ -156,6 +157,10 @@ class ValidationImages(L.Callback):
         if batch_idx != 0 or not trainer.is_global_zero or trainer.sanity_checking or outputs is None:
             return
         out_dir = Path(trainer.default_root_dir) / "overlays" / f"step{trainer.global_step:06d}"
+        sets = getattr(trainer.datamodule, "val_set_names", None) if trainer.datamodule is not None else None
+        if sets:  # named validation sets (data.val_sets): a folder and a W&B key per set
+            out_dir = out_dir / sets[dataloader_idx]
+        key = f"val/{sets[dataloader_idx]}/examples" if sets else "val/examples"
         out_dir.mkdir(parents=True, exist_ok=True)
         panels = []
         for i in range(min(self.num_images, batch.num_images)):
@@ -182,7 +187,7 @@ class ValidationImages(L.Callback):
                     })
                     for picture, truth, pred, phrase in panels
                 ]
-                logger.experiment.log({"val/examples": images, "trainer/global_step": trainer.global_step})
+                logger.experiment.log({key: images, "trainer/global_step": trainer.global_step})
 
 
 def _labels(phrase: str, n: int) -> dict[int, str]:
@@ -206,7 +211,9 @@ def matmul_gflops(size: int = 1024, seconds: float = 0.3, dtype: torch.dtype = t
 class RunSummary(L.Callback):
     """Prints, on rank 0, the measured step rate and an ETA early in ``fit`` (steps ``skip`` to
     ``skip + window`` after the start, next to this machine's matmul rate), and at the end the last
-    validation metrics, the whole run's step rate and where things are.
+    validation metrics (per named validation set), the whole run's step rate and where things are; with
+    a :class:`~sam3_train.finetune.ZeroShotBaseline` callback also its verdict per validation set
+    (zero-shot -> best -> last, forgetting, whether the fine-tune beat the start).
 
     Args:
         skip: steps left out of the measurement (warm-up: first allocations, worker start).
@@ -255,9 +262,16 @@ class RunSummary(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         lines = ["", "sam3-train: fit finished"]
-        for key in ("val/cgF1", "val/cgF1@50", "val/IL_MCC", "val/pmF1", "val/mAP", "val/presence_accuracy"):
-            if key in metrics:
-                lines.append(f"  {key:<24} {metrics[key]:.2f}")
+        names = ("cgF1", "cgF1@50", "IL_MCC", "pmF1", "mAP", "presence_accuracy")
+        sets = getattr(trainer.datamodule, "val_set_names", None) if trainer.datamodule is not None else None
+        for prefix in [f"val/{s}/" for s in sets] if sets else ["val/"]:
+            for key in (prefix + name for name in names):
+                if key in metrics:
+                    lines.append(f"  {key:<24} {metrics[key]:.2f}")
+        for callback in trainer.callbacks:
+            # finetune.ZeroShotBaseline (same layer, not imported): per set zero-shot -> best -> last, the verdict
+            if callable(getattr(callback, "summary_lines", None)):
+                lines += callback.summary_lines(trainer, pl_module)
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint               {ckpt.last_model_path}")

@@ -5,8 +5,9 @@
 Training: detector forward on a pair batch (DAC halves on), ``Sam3Criterion`` terms logged as
 ``train/<term>``, their weighted total as ``train/loss``. Validation and test: eval-mode forward,
 post-processing to the input frame, cgF1 (masks and boxes), COCO mAP, presence accuracy and the top
-query's box localisation (``top_box_iou_median``, ...) logged as ``val/<name>`` / ``test/<name>``.
-Prediction returns post-processed detections per pair.
+query's box localisation (``top_box_iou_median``, ...) logged as ``val/<name>`` / ``test/<name>``;
+with named validation sets (``data.val_sets``) each set has its own metric objects and logs
+``val/<set>/<name>``. Prediction returns post-processed detections per pair.
 
 Non-finite steps: when the loss of any micro-batch or any gradient is NaN or infinite (on any rank),
 the optimiser step is skipped, counted as ``train/skipped_steps`` and named in a warning; the module
@@ -27,6 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sam3_train.data.batch import Batch
 from sam3_train.data.frame import InputFrame
+from sam3_train.finetune import SourceShare
 from sam3_train.losses import Sam3Criterion
 from sam3_train.metrics import CGF1, CocoMeanAveragePrecision, PresenceAccuracy, TopQueryLocalisation
 from sam3_train.model import (
@@ -162,11 +164,19 @@ class Sam3LitModule(L.LightningModule):
             self.detector.freeze_mask_path()
         self.val_metrics = self._metrics()
         self.test_metrics = self._metrics()
+        # One metric set per named validation set (data.val_sets), made in setup() once the names are
+        # known; empty: the single set of val_metrics, logged as val/<name>.
+        self.val_set_metrics = torch.nn.ModuleDict()
 
     def setup(self, stage: str) -> None:
         """Refuse data at another resolution than the model's (e.g. a --ckpt_path whose settings
-        replaced model.image_size while data.image_size stayed)."""
-        data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer else None
+        replaced model.image_size while data.image_size stayed); make a metric set per named
+        validation set (metric states are not persistent: checkpoints do not change)."""
+        datamodule = self.trainer.datamodule if self._trainer else None
+        names = getattr(datamodule, "val_set_names", None)
+        if names and list(self.val_set_metrics.keys()) != list(names):
+            self.val_set_metrics = torch.nn.ModuleDict({name: self._metrics() for name in names}).to(self.device)
+        data_size = getattr(datamodule, "image_size", None)
         if isinstance(data_size, int) and data_size != self.detector.image_size:
             raise ValueError(
                 f"data.image_size is {data_size} px but the model takes {self.detector.image_size} px images "
@@ -186,6 +196,9 @@ class Sam3LitModule(L.LightningModule):
         if not any(issubclass(t, SkipNonFinite) for t in present):
             callbacks.append(SkipNonFinite(max_consecutive=self.hparams.max_consecutive_skipped_steps,
                                            limit_setting="model.max_consecutive_skipped_steps"))
+        sources = getattr(self.trainer.datamodule, "source_names", None) if self._trainer is not None else None
+        if sources and not any(issubclass(t, SourceShare) for t in present):
+            callbacks.append(SourceShare(names=sources))
         return callbacks
 
     @staticmethod
@@ -265,8 +278,14 @@ class Sam3LitModule(L.LightningModule):
         metrics["localisation"].update(top, cgf1_targets(batch, targets))
         return preds
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
-        return self._evaluate(batch, self.val_metrics)
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, torch.Tensor]]:
+        return self._evaluate(batch, self._val_metric_set(dataloader_idx))
+
+    def _val_metric_set(self, dataloader_idx: int) -> torch.nn.ModuleDict:
+        """The metric set of validation dataloader ``dataloader_idx`` (named sets in data.val_sets order)."""
+        if len(self.val_set_metrics) == 0:
+            return self.val_metrics
+        return list(self.val_set_metrics.values())[dataloader_idx]
 
     def test_step(self, batch: Batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
         return self._evaluate(batch, self.test_metrics)
@@ -279,7 +298,10 @@ class Sam3LitModule(L.LightningModule):
         self.log_dict({f"{stage}/{k}": float(v) for k, v in values.items()}, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        if len(self.val_set_metrics) == 0:
+            self._log_metrics(self.val_metrics, "val")
+        for name, metrics in self.val_set_metrics.items():
+            self._log_metrics(metrics, f"val/{name}")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")

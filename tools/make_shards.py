@@ -1,6 +1,7 @@
 """Convert datasets into sam3-train shards (format: docs/data_format.md).
 
     python tools/make_shards.py coco   --annotations instances_val2017.json --images val2017/ --out DIR [--negatives 20]
+    python tools/make_shards.py coco   --annotations train.json --images train/ --shots 10 --seed 0 --out DIR
     python tools/make_shards.py saco   --annotations saco_gold_fg.json --images images/ --out DIR
     python tools/make_shards.py saco   --annotations gold_a.json gold_b.json gold_c.json --images images/ --out DIR
     python tools/make_shards.py images --images photos/ [--vocabulary phrases.txt] --out DIR
@@ -41,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--annotations", required=True)
     coco.add_argument("--images", required=True)
     coco.add_argument("--negatives", type=int, default=None, help="absent categories per image (default: all)")
-    coco.add_argument("--seed", type=int, default=0)
+    coco.add_argument("--seed", type=int, default=0, help="seeds the negatives and the --shots subset")
+    coco.add_argument("--shots", type=int, default=None,
+                      help="write only a K-shot subset: K images per category (GLIP's ODinW protocol), absent "
+                           "categories as negatives; its COCO JSON goes next to the shards")
     _common(coco, "coco")
     saco = sub.add_parser("saco", help="SA-Co style JSON ((image, phrase) pairs) + image folder")
     saco.add_argument("--annotations", required=True, nargs="+",
@@ -75,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.quiet)
     if args.source == "coco":
         result = convert_coco(annotations=args.annotations, images=args.images, negatives=args.negatives,
-                              seed=args.seed, **shard_opts)
+                              seed=args.seed, shots=args.shots, **shard_opts)
     elif args.source == "saco":
         result = convert_saco(annotations=args.annotations, images=args.images, **shard_opts)
     else:
         result = convert_images(images=args.images, vocabulary=args.vocabulary, **shard_opts)
     print(f"wrote {result['written']} samples, skipped {result['skipped']}")
+    if result.get("subset_json"):
+        print(f"subset COCO JSON: {result['subset_json']}")
     print(result["pattern"] or "no shards written")
     return 0 if result["written"] else 1
 

@@ -16,6 +16,8 @@ Fields (shapes):
     keys            B strings     sample keys, to name bad batches in logs
     image_ids       B values      each sample's json ``image_id`` (COCO ids for converted COCO data; optional)
     original_sizes  [B, 2]        long, (H, W) of each image as decoded, before any resize (optional)
+    sources         B strings     the weighted training source each image came from (data/mixing.py;
+                                  empty without named sources)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     image_ids: list[str | int] = field(default_factory=list)
     original_sizes: torch.Tensor | None = None
+    sources: list[str] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:

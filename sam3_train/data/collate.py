@@ -89,4 +89,5 @@ class Collator:
             keys=[t["key"] for _, t in samples],
             image_ids=[t.get("image_id", t["key"]) for _, t in samples],
             original_sizes=torch.tensor([t["original_size"] for _, t in samples], dtype=torch.long).reshape(-1, 2),
+            sources=[t["source"] for _, t in samples] if all("source" in t for _, t in samples) else [],
         )

@@ -8,6 +8,9 @@ seeded sample of ``negatives`` of them.
 
     python tools/make_shards.py coco --annotations instances_val2017.json --images val2017/ \
         --out datasets/coco/shards/val --negatives 20
+
+With ``shots`` only a K-shot subset is written (data/kshot.py: K images per category, seeded), and its
+COCO JSON next to the shards (``{prefix}-{K}shot-seed{S}.json``), for COCO-style scoring of it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from sam3_train.data import rle as rle_ops
 from sam3_train.data.image_files import read_image_file
+from sam3_train.data.kshot import kshot_subset
 from sam3_train.data.schema import SampleError, make_key, query
 from sam3_train.data.shards import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSink
 
@@ -63,19 +67,21 @@ def convert_coco(
     out: str | os.PathLike,
     negatives: int | None = None,
     seed: int = 0,
+    shots: int | None = None,
     prefix: str = "coco",
     max_count: int = DEFAULT_MAX_COUNT,
     max_size: int = DEFAULT_MAX_SIZE,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write shards for a COCO instances file; returns {"pattern", "written", "skipped"}.
+    """Write shards for a COCO instances file; returns {"pattern", "written", "skipped", "subset_json"}.
 
     Args:
         annotations: the instances JSON.
         images: folder the JSON's ``file_name`` entries are relative to.
         out: output folder for ``{prefix}-%06d.tar``.
         negatives: absent categories per image as negatives; None: all of them, 0: none.
-        seed: seeds the sampling of negatives.
+        seed: seeds the sampling of negatives and of the K-shot subset.
+        shots: write only the K-shot subset (K images per category, data/kshot.py) and its COCO JSON.
     """
     ann_path, image_dir = Path(annotations), Path(images)
     if not ann_path.is_file():
@@ -83,6 +89,12 @@ def convert_coco(
     if not image_dir.is_dir():
         raise FileNotFoundError(f"COCO image folder {image_dir} does not exist")
     coco = json.loads(ann_path.read_text())
+    subset_json = None
+    if shots is not None:
+        coco = kshot_subset(coco, shots=shots, seed=seed)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        subset_json = Path(out) / f"{prefix}-{shots}shot-seed{seed}.json"
+        subset_json.write_text(json.dumps(coco))
     phrases = {c["id"]: category_phrase(c["name"]) for c in coco["categories"]}
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for ann in coco.get("annotations", []):
@@ -121,4 +133,5 @@ def convert_coco(
             except SampleError as exn:
                 skipped += 1
                 log.warning("skipped image %s: %s", entry.get("file_name"), exn)
-    return {"pattern": sink.pattern if sink.count else None, "written": sink.count, "skipped": skipped}
+    return {"pattern": sink.pattern if sink.count else None, "written": sink.count, "skipped": skipped,
+            "subset_json": str(subset_json) if subset_json else None}

@@ -10,6 +10,15 @@ Configured from YAML through LightningCLI (the constructor is the schema)::
         batch_size: 8
         steps_per_epoch: 250
 
+Fine-tuning (docs/data_format.md, "Several sources and validation sets")::
+
+        train_sources:                    # instead of train_shards: sampled per image by weight
+          - {name: domain, shards: datasets/mine/shards/train/mine-000000.tar, weight: 1}
+          - {name: general, shards: datasets/saco/shards/train/saco-train-{000000..000099}.tar, weight: 1}
+        val_sets:                         # instead of val_shards: logged as val/<name>/cgF1, ...
+          domain: datasets/mine/shards/val/mine-000000.tar
+          general: datasets/saco/shards/gold_metaclip/gold-metaclip-{000000..000007}.tar
+
 Ranks come from the attached trainer (``global_rank``, ``world_size``), never from the workers.
 Skipped bad samples are counted across worker processes; the LightningModule logs
 ``trainer.datamodule.skipped_samples`` as ``train/skipped_samples``.
@@ -32,6 +41,7 @@ from torch.utils.data import DataLoader
 from sam3_train.data.collate import Collator, Tokenizer
 from sam3_train.data.decode import QuerySelector
 from sam3_train.data.loader import StreamLoader
+from sam3_train.data.mixing import TrainSource, check_name, check_source_specs
 from sam3_train.data.phrases import select_queries
 from sam3_train.data.pipeline import ShardStream, SkipCounter
 from sam3_train.data.shapes import DEFAULT_SPLITS, ensure_shapes_shards
@@ -93,6 +103,8 @@ class Sam3DataModule(L.LightningDataModule):
         val_shards: str | None = None,
         test_shards: str | None = None,
         predict_shards: str | None = None,
+        train_sources: list[dict[str, Any]] | None = None,
+        val_sets: dict[str, str | list[str]] | None = None,
         shapes_root: str | None = None,
         shapes_splits: dict[str, int] | None = None,
         shapes_image_size: int = 256,
@@ -119,7 +131,19 @@ class Sam3DataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= negative_share <= 1.0:
             raise ValueError(f"negative_share must lie in [0, 1], got {negative_share}")
+        if train_sources is not None and train_shards is not None:
+            raise ValueError("data.train_shards and data.train_sources are both set: use one (train_sources "
+                             "lists every training source with its weight; set train_shards: null)")
+        if val_sets is not None and val_shards is not None:
+            raise ValueError("data.val_shards and data.val_sets are both set: use one (set val_shards: null)")
+        if val_sets is not None and not val_sets:
+            raise ValueError("data.val_sets is empty: name at least one set, or set it to null")
+        for name in val_sets or {}:
+            check_name(str(name), "data.val_sets:")
         self.save_hyperparameters()
+        self.train_sources = check_source_specs(train_sources) if train_sources is not None else None
+        self.val_sets = dict(val_sets) if val_sets is not None else None
+        self.sources: list[TrainSource] | None = None
         self.patterns = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
         self.shapes_root, self.shapes_splits, self.shapes_image_size = shapes_root, shapes_splits, shapes_image_size
         self.image_size, self.batch_size = image_size, batch_size
@@ -162,8 +186,35 @@ class Sam3DataModule(L.LightningDataModule):
                         f"shard files (dir/{split}-{{000000..000099}}.tar; several joined with '::'), or build "
                         "them first with tools/make_shards.py."
                     ) from None
+        if self.train_sources is not None:
+            self.sources = [TrainSource(name=s["name"], urls=tuple(self._expand(s["shards"], f"train_sources ({s['name']})")),
+                                        weight=s["weight"]) for s in self.train_sources]
+            self.urls["train"] = [url for source in self.sources for url in source.urls]
+        if self.val_sets is not None:
+            for name, pattern in self.val_sets.items():
+                self.urls[f"val/{name}"] = self._expand(pattern, f"val_sets.{name}")
         if self._tokenizer is None:
             self._tokenizer = Sam3Tokenizer.from_path_or_open_clip(self.tokenizer_path)
+
+    @staticmethod
+    def _expand(pattern: str | list[str], option: str) -> list[str]:
+        try:
+            return expand_urls(pattern)
+        except FileNotFoundError as exn:  # a configuration error: stop before training starts
+            raise FileNotFoundError(
+                f"data.{option}: {exn}. Give a brace pattern (or a list) of existing shard files, or build them "
+                "first with tools/make_shards.py."
+            ) from None
+
+    @property
+    def val_set_names(self) -> list[str] | None:
+        """Names of the validation sets in dataloader order (``data.val_sets``); None: one unnamed set."""
+        return list(self.val_sets) if self.val_sets is not None else None
+
+    @property
+    def source_names(self) -> list[str] | None:
+        """Names of the weighted training sources (``data.train_sources``); None: unnamed shards."""
+        return [s["name"] for s in self.train_sources] if self.train_sources is not None else None
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
@@ -176,6 +227,8 @@ class Sam3DataModule(L.LightningDataModule):
 
     # ---- dataloaders -----------------------------------------------------------------------------
     def _stream(self, split: str, *, train: bool) -> ShardStream:
+        if split == "train" and self.train_sources is not None and not self.resampled:
+            raise ValueError("data.train_sources needs data.resampled: true (each source is an endless stream)")
         if split not in self.urls:
             raise RuntimeError(
                 f"no {split} shards: set `{split}_shards` (or `shapes_root`) and call setup() first"
@@ -206,6 +259,7 @@ class Sam3DataModule(L.LightningDataModule):
             steps_per_epoch=self.steps_per_epoch if train else None,
             skip_counter=self.skip_counter,
             draft_size=self.image_size,
+            sources=self.sources if split == "train" else None,
         )
 
     def _loader(self, stream: ShardStream, *, resumable: bool = False) -> DataLoader:
@@ -228,7 +282,11 @@ class Sam3DataModule(L.LightningDataModule):
             )
         return self._loader(self._stream("train", train=True), resumable=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader, or with ``val_sets`` one per named set in ``val_set_names`` order (Lightning's
+        ``dataloader_idx``)."""
+        if self.val_sets is not None:
+            return [self._loader(self._stream(f"val/{name}", train=False)) for name in self.val_sets]
         return self._loader(self._stream("val", train=False))
 
     def test_dataloader(self) -> DataLoader:

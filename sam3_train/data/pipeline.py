@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sam3_train.data.batch import Batch
 from sam3_train.data.decode import QuerySelector, decode_sample
+from sam3_train.data.mixing import TrainSource, mix_samples
 from sam3_train.data.schema import SampleError
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class ShardStream(IterableDataset):
         drop_last: drop each worker's last incomplete batch.
         skip_counter: where skipped samples are counted (a fresh one by default).
         draft_size: let JPEG decode at reduced scale down to about this side (speed; None: full size).
+        sources: weighted training sources (mixing.py), each sample drawn from one by weight and
+            tagged with its name (``target["source"]``); needs ``resampled``. None: ``urls`` as one set.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class ShardStream(IterableDataset):
         drop_last: bool = False,
         skip_counter: SkipCounter | None = None,
         draft_size: int | None = None,
+        sources: list[TrainSource] | None = None,
     ):
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
@@ -169,6 +173,9 @@ class ShardStream(IterableDataset):
         self.resampled, self.steps_per_epoch, self.drop_last = resampled, steps_per_epoch, drop_last
         self.skip_counter = skip_counter or SkipCounter()
         self.draft_size = draft_size
+        if sources is not None and not resampled:
+            raise ValueError("weighted training sources need resampled=True (each source is an endless stream)")
+        self.sources = list(sources) if sources else None
         self._epoch = _SHARED.RawValue("q", 0)  # shared: persistent workers must see set_epoch from the main process
         self._resume: dict[str, Any] | None = None
 
@@ -216,32 +223,42 @@ class ShardStream(IterableDataset):
             return None
         return self.steps_per_epoch // num_workers + int(worker < self.steps_per_epoch % num_workers)
 
-    def _url_source(self, epoch: int, worker: int, num_workers: int, state: dict[str, Any]) -> Iterator[dict]:
+    def _url_source(self, epoch: int, worker: int, num_workers: int, state: dict[str, Any],
+                    source: TrainSource | None = None) -> Iterator[dict]:
         if not self.resampled:
             for url in self.worker_shards(epoch, worker, num_workers):
                 state["url"] = url
                 yield {"url": url}
             return
-        rng = random.Random(f"resample-{self.seed}-{epoch}-{self.rank}-{worker}")
-        limit = max(10, 3 * len(self.urls))  # draws in a row without one sample: every shard empty or unreadable
+        urls = list(source.urls) if source is not None else self.urls
+        tag = f"-{source.name}" if source is not None else ""  # one source: the draws of an unmixed stream
+        rng = random.Random(f"resample-{self.seed}-{epoch}-{self.rank}-{worker}{tag}")
+        limit = max(10, 3 * len(urls))  # draws in a row without one sample: every shard empty or unreadable
         while True:
             state["draws_without_sample"] += 1
             if state["draws_without_sample"] > limit:
-                raise RuntimeError(f"{limit} shard draws gave no readable sample; shards: {self.urls[:3]}...")
-            url = rng.choice(self.urls)
+                raise RuntimeError(f"{limit} shard draws gave no readable sample; shards: {urls[:3]}...")
+            url = rng.choice(urls)
             state["url"] = url
             yield {"url": url}
 
     def _raw_samples(self, epoch: int, worker: int, num_workers: int, state: dict[str, Any]) -> Iterator[dict]:
         """The worker's shuffled stream of raw (undecoded) samples: a function of (seed, epoch, rank, worker)."""
 
-        def on_shard_error(exn: BaseException) -> bool:
-            if not state.get("replaying"):  # a resume replays what the interrupted run counted already
-                self.skip_counter.skip(state["url"], None, exn)
-            return True  # keep going
+        def read(source: TrainSource | None, own: dict[str, Any]) -> Iterator[dict]:
+            def on_shard_error(exn: BaseException) -> bool:
+                if not state.get("replaying"):  # a resume replays what the interrupted run counted already
+                    self.skip_counter.skip(own["url"], None, exn)
+                return True  # keep going
 
-        urls = self._url_source(epoch, worker, num_workers, state)
-        raw = _counting(wds.tarfile_samples(urls, handler=on_shard_error), state)
+            urls = self._url_source(epoch, worker, num_workers, own, source)
+            return _counting(wds.tarfile_samples(urls, handler=on_shard_error), own)
+
+        if self.sources is None:
+            raw = read(None, state)
+        else:  # each source its own endless stream (own draw limit), mixed per sample by weight
+            streams = [read(s, {"url": None, "draws_without_sample": 0}) for s in self.sources]
+            raw = mix_samples(streams, self.sources, random.Random(f"mix-{self.seed}-{epoch}-{self.rank}-{worker}"))
         if self.shuffle_buffer > 1:
             raw = _buffer_shuffle(raw, self.shuffle_buffer, random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}-{worker}"))
         return raw
@@ -278,6 +295,8 @@ class ShardStream(IterableDataset):
                 if self.select is not None and not target["queries"]:
                     raise SampleError("no query to train on (none, or only unlabelled ones: schema.is_unlabelled)")
                 image, target = self.transforms(image, target, rng)
+                if "__source__" in sample:
+                    target["source"] = sample["__source__"]
             except Exception as exn:  # bad data never stops training: count, warn, move on
                 self.skip_counter.skip(sample.get("__url__"), sample.get("__key__"), exn)
                 failures += 1
