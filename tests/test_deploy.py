@@ -242,7 +242,7 @@ def _assert_same_detections(torch_file: dict, onnx_file: dict) -> int:
 
 @pytest.mark.slow
 def test_lora_fit_exports_and_predict_onnx_writes_what_predict_writes(shapes_root, tmp_path):
-    from sam3_train.data import Sam3DataModule
+    from sam3_train.data import Sam3DataModule, ensure_shapes_shards
     from sam3_train.deploy.runtime import OnnxDetector
     from sam3_train.loading import load_detector
 
@@ -278,7 +278,7 @@ def test_lora_fit_exports_and_predict_onnx_writes_what_predict_writes(shapes_roo
         torch.testing.assert_close(ours[key], theirs[key], atol=ATOL[key], rtol=0, msg=lambda m, k=key: f"{k}: {m}")
     assert (theirs["pred_logits"] - base_out["pred_logits"]).abs().max() > 1e-4
 
-    test_split = str(Path(shapes_root) / "shards" / "test" / "shapes-{000000..000001}.tar")
+    test_split = ensure_shapes_shards(shapes_root, splits=SHAPES_SPLITS, max_count=8)["test"]  # conftest's: cached
     writer = {"class_path": "sam3_train.callbacks.PredictionWriter",
               "init_args": {"output_dir": str(tmp_path / "torch"), "overlays": True, "coco_results": True}}
     proc = run(["predict", "--config", str(config), "--ckpt_path", str(last), f"--data.predict_shards={test_split}",
@@ -288,7 +288,7 @@ def test_lora_fit_exports_and_predict_onnx_writes_what_predict_writes(shapes_roo
                 str(tmp_path / "onnx"), "--overlays", "--coco_results", "--max_phrases", "2", "--batch_size", "2",
                 "--threads", "1"], tmp_path)
     assert proc.returncode == 0, output(proc)[-4000:]
-    assert "predict-onnx: 16 images" in output(proc)
+    assert "predict-onnx: 16 images" in output(proc), output(proc)[-2000:]
 
     torch_file, onnx_file = _read_jsonl(tmp_path / "torch"), _read_jsonl(tmp_path / "onnx")
     assert len(torch_file) == 16

@@ -56,6 +56,7 @@ class OnnxDetector:
         self.directory = Path(directory)
         self.manifest = read_manifest(directory)
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold fill the console
         if threads is not None:
             options.intra_op_num_threads = threads
         self.sessions = {
