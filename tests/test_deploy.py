@@ -9,7 +9,7 @@ shapes data, ``sam3-train export`` of its ``.ckpt`` (adapters merged), ``sam3-tr
 
 Tolerances (float32 on the CPU, measured about 10x below them): logits, boxes and presence logits
 1e-5 absolute, mask and semantic logits 5e-5; detections in the prediction files: scores 1e-4,
-boxes 0.02 px (the files round to 0.01 px), mask IoU 0.99.
+boxes 0.02 px (the files round to 0.01 px), mask IoU 0.99. float16 graphs: ATOL_FP16 below.
 """
 
 from __future__ import annotations
@@ -206,6 +206,33 @@ def test_export_manifest_graphs_and_tokenizer(exported, detector):
     one = runtime.batch(_images()[:1], [["red star"]])  # one image, one phrase, no box: sizes 1 and 0
     with torch.no_grad():
         torch.testing.assert_close(runtime(one)["pred_logits"], detector(one)["pred_logits"], atol=1e-5, rtol=0)
+
+
+# float16 graphs: measured on this test's inputs up to 9.2e-4 (logits), 3.2e-4 (boxes), 1.5e-3
+# (presence), 5.1e-3 (mask logits), 3.5e-3 (semantic), 1.9e-4 (scores); tolerances about 4x those.
+ATOL_FP16 = {"pred_logits": 4e-3, "pred_boxes": 2e-3, "presence_logit": 6e-3, "pred_masks": 2e-2, "semantic_seg": 2e-2}
+
+
+@pytest.mark.slow
+def test_float16_graphs_stay_close_to_float32_pytorch(detector, tmp_path, one_thread):
+    from sam3_train.deploy.runtime import OnnxDetector
+
+    manifest = export_graphs(detector, tmp_path, precision="float16")
+    assert manifest["precision"] == "float16"
+    runtime = OnnxDetector(tmp_path, threads=1)
+    for kind in ("text", "text+boxes"):
+        phrases, shots = _prompts(kind)
+        batch = runtime.batch(_images(), phrases, shots)
+        ours = runtime(batch)
+        with torch.no_grad():
+            theirs = detector(batch)
+        for key in OUTPUTS:
+            assert ours[key].dtype == torch.float32  # post-processing gets float32
+            torch.testing.assert_close(ours[key], theirs[key], atol=ATOL_FP16[key], rtol=0,
+                                       msg=lambda m, k=key: f"{kind} {k}: {m}")
+        score = lambda out: out["pred_logits"].sigmoid() * out["presence_logit"].sigmoid()[:, None]  # noqa: E731
+        assert (score(ours) - score(theirs)).abs().max() < 1e-3
+        assert ((ours["pred_masks"] > 0) != (theirs["pred_masks"] > 0)).float().mean() < 5e-3
 
 
 # ------------------------------------------------------------------------ end to end through the CLI

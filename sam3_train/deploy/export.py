@@ -30,7 +30,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +45,8 @@ FORMAT = "sam3-train-onnx"
 OPSET = 18
 GRAPHS = ("vision", "text", "detector")
 MANIFEST = "deploy.json"
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
+Precision = Literal["float32", "float16"]
 _EXTERNAL_DATA_BYTES = 1.5e9  # protobuf's 2 GB limit per file, with room for the graph itself
 
 
@@ -79,19 +81,26 @@ def checkpoint_thresholds(source: str | os.PathLike | None = None) -> dict[str, 
 
 
 def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, thresholds: dict[str, Any] | None = None,
-                  source: dict[str, Any] | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Write the three graphs, the tokenizer files and ``deploy.json`` of ``detector`` (float32) into
-    ``output``; returns the manifest. ``thresholds``: score / mask thresholds and max detections for the
-    predictor (default: ``Sam3LitModule``'s); ``source``: what the detector was loaded from (path, sha256)."""
+                  source: dict[str, Any] | None = None, precision: Precision = "float32",
+                  verbose: bool = False) -> dict[str, Any]:
+    """Write the three graphs, the tokenizer files and ``deploy.json`` of ``detector`` into ``output``;
+    returns the manifest. ``thresholds``: score / mask thresholds and max detections for the predictor
+    (default: ``Sam3LitModule``'s); ``source``: what the detector was loaded from (path, sha256);
+    ``precision``: of the graphs' weights, float inputs and outputs (``float16``: parity measured in
+    docs/deploy.md, not assumed)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model = exportable_copy(detector).float()
     levels = graphs.num_levels(model)
+    examples = graphs.example_inputs(model)  # traced in float32, then cast
+    model = model.to(PRECISIONS[precision])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    examples = graphs.example_inputs(model)
     seconds = {}
     for name in GRAPHS:
         inputs, input_names, dynamic = examples[name]
+        inputs = tuple(x.to(PRECISIONS[precision]) if x.is_floating_point() else x for x in inputs)
         start = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.onnx's notes on its own internals, one per graph
@@ -119,7 +128,7 @@ def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, threshol
         "context_length": tokenizer.context_length,
         "tokenizer_files": tokenizer_files,
         "thresholds": thresholds or checkpoint_thresholds(),
-        "precision": "float32",
+        "precision": precision,
         "exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__}",
         "export_seconds": seconds,
         "source": source or {},
@@ -143,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", required=True,
                         help="a .ckpt written by sam3-train fit (LoRA adapters are merged) or an HF-layout folder")
     parser.add_argument("--output", required=True, help="folder for the graphs, the tokenizer and deploy.json")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                        help="float16 halves the graphs; its parity is measured in docs/deploy.md")
     parser.add_argument("--pretrained", default=None,
                         help="base folder of a .ckpt whose run read it from somewhere else (moved)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = export_source(args.detector, args.output, pretrained=args.pretrained)
+    manifest = export_source(args.detector, args.output, pretrained=args.pretrained, precision=args.precision)
     print(f"exported {args.detector} -> {args.output}: {', '.join(manifest['graphs'].values())} and {MANIFEST} "
           f"({manifest['image_size']} px; export took {sum(manifest['export_seconds'].values()):.0f} s)")
     return 0

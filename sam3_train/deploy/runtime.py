@@ -67,11 +67,13 @@ class OnnxDetector:
                                                        context_length=self.manifest["context_length"])
         self.image_size: int = self.manifest["image_size"]
         self.thresholds: dict[str, Any] = self.manifest["thresholds"]
+        # float inputs and outputs of the graphs: float32, or float16 for a float16 export
+        self.float_type = np.float16 if self.manifest.get("precision") == "float16" else np.float32
 
     # ------------------------------------------------------------------ the three graphs
     def encode_images(self, images: torch.Tensor) -> list[np.ndarray]:
         """images [N, 3, S, S] normalised -> the FPN levels then their position encodings, each [N, C, h, w]."""
-        return self.sessions["vision"].run(None, {"images": _numpy(images, np.float32)})
+        return self.sessions["vision"].run(None, {"images": _numpy(images, self.float_type)})
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         """input_ids, attention_mask [T, L] -> text [T, L, C] (no de-duplication)."""
@@ -83,9 +85,10 @@ class OnnxDetector:
         """Per pair (rows already gathered): levels and pos [P, ...], text [P, L, C], text_mask [P, L]
         bool, exemplar_boxes [P, E, 4], exemplar_labels [P, E] -> the eval outputs as torch tensors."""
         names = self.manifest["inputs"]["detector"]
-        feed = dict(zip(names, [*levels, text, text_mask, exemplar_boxes, exemplar_labels]))
+        feed = dict(zip(names, [*levels, text, text_mask, _numpy(exemplar_boxes, self.float_type), exemplar_labels]))
         values = self.sessions["detector"].run(None, feed)
-        return {name: torch.from_numpy(v) for name, v in zip(self.manifest["outputs"]["detector"], values)}
+        # post-processing works in float32 whatever the graphs' precision
+        return {name: torch.from_numpy(v).float() for name, v in zip(self.manifest["outputs"]["detector"], values)}
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``Sam3Detector(batch)`` in eval mode: pred_logits [P, Q], pred_boxes [P, Q, 4], pred_masks
