@@ -5,7 +5,8 @@
     python benchmarks/bench_deploy.py --presets --ckpt runs/shapes_tiny/checkpoints/last.ckpt \\
         --shards 'datasets/shapes/shards/test/shapes-{000000..000007}.tar'   # cgF1 of both paths
 
-Per preset (random weights, seed 0): export time and the process's peak memory after it; then, in
+Per preset (random weights, seed 0) and graph precision (``--precisions``, float32 and float16):
+export time and the process's peak memory after it; then, in
 the same process with the same thread count for both (``--threads``), the median latency of one
 image with ``k`` phrases (``--counts``, default 1, 2, 4, 8) for PyTorch eager
 (``Sam3Detector(batch)``, eval, no_grad) and for onnxruntime (``OnnxDetector(batch)``: vision once, each phrase's text once, the detector per
@@ -61,29 +62,36 @@ def slope(counts, seconds) -> float:
     return float(np.polyfit(np.asarray(counts, float), np.asarray(seconds, float), 1)[0])
 
 
-def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, counts: tuple[int, ...] = COUNTS) -> dict:
+def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, counts: tuple[int, ...] = COUNTS,
+                 precisions: tuple[str, ...] = ("float32",)) -> dict:
     torch.manual_seed(0)
     detector = build_detector(preset).eval()
-    start = time.perf_counter()
-    manifest = export_graphs(detector, folder / preset)
-    export_s = time.perf_counter() - start
-    export_peak = peak_rss_gib()
-    runtime = OnnxDetector(folder / preset, threads=threads)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (detector.image_size, detector.image_size, 3), dtype=np.uint8)
     row: dict = {"preset": preset, "params_m": sum(p.numel() for p in detector.parameters()) / 1e6,
-                 "image_size": detector.image_size, "export_s": export_s, "export_graph_s": manifest["export_seconds"],
-                 "peak_rss_gib_after_export": export_peak, "torch_s": {}, "onnx_s": {}}
+                 "image_size": detector.image_size, "torch_s": {}}
+    runtimes = {}
+    for precision in precisions:
+        start = time.perf_counter()
+        manifest = export_graphs(detector, folder / f"{preset}-{precision}", precision=precision)
+        row[f"export_s_{precision}"] = time.perf_counter() - start
+        row[f"export_graph_s_{precision}"] = manifest["export_seconds"]
+        row[f"peak_rss_gib_after_export_{precision}"] = peak_rss_gib()
+        runtimes[precision] = OnnxDetector(folder / f"{preset}-{precision}", threads=threads)
+        row[f"onnx_{precision}_s"] = {}
+    runtime = runtimes[precisions[0]]
     for k in counts:
         batch = runtime.batch([image], [PHRASES[:k]])
         with torch.no_grad():
             row["torch_s"][k] = timed(lambda: detector(batch), repeats)
-        row["onnx_s"][k] = timed(lambda: runtime(batch), repeats)
+        for precision, session in runtimes.items():
+            row[f"onnx_{precision}_s"][k] = timed(lambda: session(batch), repeats)
     with torch.no_grad():
         theirs = detector(batch)
-    ours = runtime(batch)
-    row["max_abs_diff"] = {key: float((ours[key] - theirs[key]).abs().max()) for key in ours}
-    for side in ("torch", "onnx"):
+    for precision, session in runtimes.items():
+        ours = session(batch)
+        row[f"max_abs_diff_{precision}"] = {key: float((ours[key] - theirs[key]).abs().max()) for key in ours}
+    for side in ("torch", *(f"onnx_{p}" for p in precisions)):
         times = [row[f"{side}_s"][k] for k in counts]
         row[f"{side}_per_image_s"] = times[0]
         row[f"{side}_per_extra_phrase_s"] = slope(counts, times) if len(counts) > 1 else float("nan")
@@ -137,6 +145,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="phrases per image to time")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--shards", default=None)
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
@@ -150,17 +159,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             row = bench_preset(preset, threads=args.threads, repeats=args.repeats, folder=Path(tmp),
-                               counts=tuple(args.counts))
+                               counts=tuple(args.counts), precisions=tuple(args.precisions))
             results["presets"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         if args.ckpt and args.shards:
             results["parity"] = cgf1_parity(args.ckpt, args.shards, threads=args.threads, folder=Path(tmp))
             print(json.dumps(results["parity"], indent=1), flush=True)
-    print(f"\n{'preset':<7}{'export s':>9}{'torch/img':>11}{'onnx/img':>10}{'torch/+phrase':>15}{'onnx/+phrase':>14}")
+    print(f"\n{'preset':<7}{'path':>16}{'1 phrase':>10}{'8 phrases':>11}{'+phrase':>9}")
     for row in results["presets"]:
-        print(f"{row['preset']:<7}{row['export_s']:>9.1f}{row['torch_per_image_s'] * 1e3:>9.1f}ms"
-              f"{row['onnx_per_image_s'] * 1e3:>8.1f}ms{row['torch_per_extra_phrase_s'] * 1e3:>13.1f}ms"
-              f"{row['onnx_per_extra_phrase_s'] * 1e3:>12.1f}ms")
+        for side in ("torch", *(f"onnx_{p}" for p in args.precisions)):
+            times = row[f"{side}_s"]
+            print(f"{row['preset']:<7}{side:>16}{times[min(times)] * 1e3:>8.1f}ms{times[max(times)] * 1e3:>9.1f}ms"
+                  f"{row[f'{side}_per_extra_phrase_s'] * 1e3:>7.1f}ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
