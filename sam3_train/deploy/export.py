@@ -9,10 +9,10 @@ output names, the tokenizer files, the post-processing thresholds (from the ``.c
 ``eval_score_threshold`` / ``max_detections``, or ``Sam3LitModule``'s defaults for an HF folder) and
 the source's fingerprint (sha256 of its file, or of each file of the folder).
 
-Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript's translation). The
-TorchScript-based exporter is deprecated since torch 2.9 and frozen; the dynamo path is the one
-torch maintains, and its dynamic shapes are checked when the graph is traced (a dimension the code
-specialises fails the export instead of silently becoming a constant). ``optimize=False``: its
+Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript's translation), the
+default of ``torch.onnx.export`` in the torch we pin; the TorchScript-based path is its legacy one.
+Its dynamic shapes are checked when the graph is traced: a dimension the code specialises (as
+transformers' per-pair ``unbind`` did) fails the export instead of silently becoming a constant. ``optimize=False``: its
 onnxscript optimiser pass wrote an invalid detector graph (a node reading an undefined value) with
 onnx 1.23 / onnxscript 0.7; onnxruntime optimises the graph itself when it loads it.
 Where transformers' SAM 3 does not export, :mod:`sam3_train.deploy.export_ops` replaces it for the
