@@ -9,8 +9,8 @@ Per preset (random weights, seed 0) and graph precision (``--precisions``, float
 export time and the process's peak memory after it; then, in
 the same process with the same thread count for both (``--threads``), the median latency of one
 image with ``k`` phrases (``--counts``, default 1, 2, 4, 8) for PyTorch eager
-(``Sam3Detector(batch)``, eval, no_grad) and for onnxruntime (``OnnxDetector(batch)``: vision once, each phrase's text once, the detector per
-pair); "per extra phrase" is the least-squares slope over k, "per image" the k = 1 time. The encode-
+(``Sam3Detector(batch)``, eval, no_grad) and for onnxruntime (``OnnxDetector(batch)``: vision once,
+each phrase's text once, the detector per pair); "per extra phrase" is the least-squares slope over k, "per image" the k = 1 time. The encode-
 once split shows as the slope: an extra phrase costs one text encoding (cacheable) and one per-pair
 detector run, never the vision encoder. Parity: the largest absolute output difference at the
 largest k. For ``sam3`` expect the weights (3.4 GB) about three times at the export's peak (the
@@ -132,8 +132,10 @@ def cgf1_parity(ckpt: str, shards: str, *, threads: int, folder: Path, batch_siz
             if len(a["scores"]) == len(b["scores"]):
                 counts["same_count_pairs"] += 1
                 if len(a["scores"]):
-                    counts["max_score_diff"] = max(counts["max_score_diff"], float((a["scores"] - b["scores"]).abs().max()))
-                    counts["max_box_diff_px"] = max(counts["max_box_diff_px"], float((a["boxes"] - b["boxes"]).abs().max()))
+                    score_diff = float((a["scores"] - b["scores"]).abs().max())
+                    box_diff = float((a["boxes"] - b["boxes"]).abs().max())
+                    counts["max_score_diff"] = max(counts["max_score_diff"], score_diff)
+                    counts["max_box_diff_px"] = max(counts["max_box_diff_px"], box_diff)
     scores = {side: {k: float(v) for k, v in m.compute().items() if k in ("cgF1", "pmF1", "IL_MCC")}
               for side, m in metrics.items()}
     return {"ckpt": ckpt, "shards": shards, **counts, "metrics": scores}

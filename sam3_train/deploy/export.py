@@ -10,7 +10,7 @@ output names, the tokenizer files, the post-processing thresholds (from the ``.c
 the source's fingerprint (sha256 of its file, or of each file of the folder).
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript's translation), the
-default of ``torch.onnx.export`` in the torch we pin; the TorchScript-based path is its legacy one.
+default of ``torch.onnx.export`` in torch 2.14 (setup_env.sh's); the TorchScript-based path is its legacy one.
 Its dynamic shapes are checked when the graph is traced: a dimension the code specialises (as
 transformers' per-pair ``unbind`` did) fails the export instead of silently becoming a constant. ``optimize=False``: its
 onnxscript optimiser pass wrote an invalid detector graph (a node reading an undefined value) with
