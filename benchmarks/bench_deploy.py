@@ -6,15 +6,15 @@
         --shards 'datasets/shapes/shards/test/shapes-{000000..000007}.tar'   # cgF1 of both paths
 
 Per preset (random weights, seed 0) and graph precision (``--precisions``, float32 and float16):
-export time and the process's peak memory after it; then, in
-the same process with the same thread count for both (``--threads``), the median latency of one
-image with ``k`` phrases (``--counts``, default 1, 2, 4, 8) for PyTorch eager
-(``Sam3Detector(batch)``, eval, no_grad) and for onnxruntime (``OnnxDetector(batch)``: vision once,
-each phrase's text once, the detector per pair); "per extra phrase" is the least-squares slope over k, "per image" the k = 1 time. The encode-
-once split shows as the slope: an extra phrase costs one text encoding (cacheable) and one per-pair
-detector run, never the vision encoder. Parity: the largest absolute output difference at the
-largest k. For ``sam3`` expect the weights (3.4 GB) about three times at the export's peak (the
-model, its export copy, the written graph: an estimate, not measured on this machine).
+export time and the process's peak memory after it; then, in the same process with the same thread
+count for both (``--threads``), the median latency of one image with ``k`` phrases (``--counts``,
+default 1, 2, 4, 8) for PyTorch eager (``Sam3Detector(batch)``, eval, no_grad) and for onnxruntime
+(``OnnxDetector(batch)``: vision once, each phrase's text once, the detector per pair); "per extra
+phrase" is the least-squares slope over k, "per image" the k = 1 time. The encode-once split shows
+as the slope: an extra phrase costs one text encoding (cacheable) and one per-pair detector run,
+never the vision encoder. Parity: the largest absolute output difference at the largest k. For
+``sam3`` expect the weights (3.4 GB) about three times at the export's peak (the model, its export
+copy, the written graph: an estimate, not measured on this machine).
 
 With ``--ckpt`` and ``--shards``: the checkpoint is exported and both paths predict every image of
 the shards (every phrase), post-processed as validation does; cgF1 (masks) of each and how many
