@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -52,18 +53,28 @@ class PredictionWriter(BasePredictionWriter):
         self._coco: list[dict] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.open(rank=trainer.global_rank)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.write(prediction["batch"], prediction["predictions"], rank=trainer.global_rank, batch_idx=batch_idx)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.close(rank=trainer.global_rank, world_size=trainer.world_size, barrier=trainer.strategy.barrier)
+
+    # The writing itself, also called outside Lightning (sam3_train.deploy's onnxruntime predictor).
+    def open(self, *, rank: int = 0) -> None:
+        """Start this rank's files."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._path = self.output_dir / f"predictions-rank{trainer.global_rank}.jsonl"
+        self._path = self.output_dir / f"predictions-rank{rank}.jsonl"
         self._file = self._path.open("w")
         self._coco = []
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        batch: Batch = prediction["batch"]
-        preds = prediction["predictions"]
+    def write(self, batch: Batch, preds: list[dict], *, rank: int = 0, batch_idx: int = 0) -> None:
+        """One batch's post-processed detections (``postprocess``'s list, one dict per pair)."""
         sizes = batch.original_sizes if batch.original_sizes is not None else batch.image_sizes
         for i in range(batch.num_images):
             height, width = sizes[i].tolist()
-            key = batch.keys[i] if batch.keys else f"{trainer.global_rank}-{batch_idx}-{i}"
+            key = batch.keys[i] if batch.keys else f"{rank}-{batch_idx}-{i}"
             phrases = []
             for p in (batch.pair_image == i).nonzero().flatten().tolist():
                 pred = preds[p]
@@ -93,16 +104,18 @@ class PredictionWriter(BasePredictionWriter):
         overlay(picture, pred["masks"], boxes=pred["boxes"], labels=labels).save(folder / name)
         self._written += 1
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def close(self, *, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> None:
+        """Close this rank's files; after ``barrier`` (every rank's files written) rank 0 merges the COCO results."""
         self._file.close()
         if self.coco_results:
-            rank_file = self.output_dir / f"predictions-rank{trainer.global_rank}.coco.json"
+            rank_file = self.output_dir / f"predictions-rank{rank}.coco.json"
             rank_file.write_text(json.dumps(self._coco))
-        trainer.strategy.barrier()
-        if not trainer.is_global_zero:
+        if barrier is not None:
+            barrier()
+        if rank != 0:
             return
         if self.coco_results:
-            self._merge_coco(trainer.world_size)
+            self._merge_coco(world_size)
         log.info("Predictions written to %s", self.output_dir)
         print(f"predictions: {self.output_dir}/predictions-rank*.jsonl"
               + (f", COCO results {self.output_dir}/predictions.coco.json" if self.coco_results else "")

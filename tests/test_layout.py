@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preemption", "callbacks", "nonfinite", "progress", "finetune"),  # Lightning callbacks
     ("lit",),                                          # the LightningModule composing them
     ("cli", "loading"),                                # Sam3CLI (every LightningCLI builds on it); load_detector
-    ("engine", "video"),                               # applications built on training and the detector
+    ("engine", "video", "deploy"),                     # applications built on training and the detector
     ("console",),                                      # the `sam3-train` command: routes to all of them
 ]
 LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}
