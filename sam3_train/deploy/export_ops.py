@@ -69,15 +69,7 @@ def encode_prompt_always_with_geometry(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Sam3Detector.encode_prompt`` for ``encode_empty_geometry=True`` in float32, without its branch
     on the box labels: [P, L + E + 1, C] and its mask [P, L + E + 1] bool."""
-    geometry = self.geometry_encoder(
-        box_embeddings=boxes.to(text.dtype),
-        box_mask=box_labels >= 0,
-        box_labels=box_labels.clamp(min=0),
-        img_feats=tuple(image_levels),
-        img_pos_embeds=tuple(image_pos),
-    )
-    prompt = torch.cat([text, geometry.last_hidden_state], dim=1)
-    return prompt, torch.cat([text_mask, geometry.attention_mask.bool()], dim=1)
+    return self.append_geometry(text, text_mask, boxes.to(text.dtype), box_labels, image_levels, image_pos)
 
 
 def exportable_copy(detector: Sam3Detector) -> Sam3Detector:

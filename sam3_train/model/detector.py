@@ -263,13 +263,28 @@ class Sam3Detector(Sam3Model):
             # autocast kernel rejects; on the CPU the (small) exemplar encoder runs in float32.
             image_levels, image_pos = [x.float() for x in image_levels], [x.float() for x in image_pos]
         with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
-            geometry = self.geometry_encoder(
-                box_embeddings=boxes.float() if cpu_autocast else boxes.to(text.dtype),
-                box_mask=box_labels >= 0,
-                box_labels=box_labels.clamp(min=0),
-                img_feats=tuple(image_levels),
-                img_pos_embeds=tuple(image_pos),
-            )
+            return self.append_geometry(text, text_mask, boxes.float() if cpu_autocast else boxes.to(text.dtype),
+                                        box_labels, image_levels, image_pos)
+
+    def append_geometry(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor,
+        box_labels: torch.Tensor,
+        image_levels: list[torch.Tensor],
+        image_pos: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exemplar encoder's tokens (E boxes, then its CLS) appended to the text: [P, L + E + 1, C]
+        and the mask [P, L + E + 1] bool. ``boxes`` [P, E, 4] normalised cxcywh (E may be 0) in the
+        dtype the encoder runs in, ``box_labels`` [P, E]: 1 positive, 0 negative, -1 padding."""
+        geometry = self.geometry_encoder(
+            box_embeddings=boxes,
+            box_mask=box_labels >= 0,
+            box_labels=box_labels.clamp(min=0),
+            img_feats=tuple(image_levels),
+            img_pos_embeds=tuple(image_pos),
+        )
         prompt = torch.cat([text, geometry.last_hidden_state], dim=1)
         return prompt, torch.cat([text_mask, geometry.attention_mask.bool()], dim=1)
 
