@@ -58,6 +58,8 @@ import bench_memory  # noqa: E402  (this folder is on sys.path when the script r
 import bench_step  # noqa: E402
 import sam3_train  # noqa: E402
 from sam3_train.cli import redirect_outputs  # noqa: E402
+from sam3_train.data import ensure_shapes_shards  # noqa: E402
+from sam3_train.data.shapes import named_data_on_shapes  # noqa: E402
 from sam3_train.dist import env_without_dist  # noqa: E402
 from sam3_train.optim import param_groups  # noqa: E402
 
@@ -285,6 +287,8 @@ def run_cli_ddp(sizes: Sizes, root: Path, timeout_s: float) -> dict[str, Any]:
     for logger in cfg["trainer"].get("logger") or []:
         if isinstance(logger, dict) and logger["class_path"].endswith("WandbLogger"):
             logger["init_args"]["offline"] = False  # offline=True sets WANDB_MODE=dryrun over our "disabled"
+    # Its named sources and validation sets (placeholders for the user's data) read the shapes splits.
+    cfg["data"].update(named_data_on_shapes(cfg["data"], ensure_shapes_shards(root / "shapes", splits=CLI_SHAPES)))
     config = root / "sam3_finetune_shrunk.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     probe = json.dumps({"class_path": "gpu_check_probe.Probe", "init_args": {"out_dir": str(root)}})

@@ -231,19 +231,13 @@ def _named_data(stack: list[Path], shapes_root: str) -> list[str]:
     """A config's named training sources and validation sets (data.train_sources, data.val_sets), kept by
     name and weight but read from the session's shapes splits."""
     from sam3_train.data import ensure_shapes_shards
+    from sam3_train.data.shapes import named_data_on_shapes
 
     data: dict = {}
     for path in stack:
         data.update(yaml.safe_load(path.read_text()).get("data") or {})
     patterns = ensure_shapes_shards(shapes_root, splits=SHAPES_SPLITS, max_count=8)  # the session's: cached
-    args = []
-    if data.get("train_sources"):
-        sources = [{**source, "shards": patterns["train"]} for source in data["train_sources"]]
-        args.append(f"--data.train_sources={json.dumps(sources)}")
-    if data.get("val_sets"):
-        sets = {name: patterns[("val", "test")[i % 2]] for i, name in enumerate(data["val_sets"])}
-        args.append(f"--data.val_sets={json.dumps(sets)}")
-    return args
+    return [f"--data.{key}={json.dumps(value)}" for key, value in named_data_on_shapes(data, patterns).items()]
 
 
 # The configs whose own settings a 2-core CPU can run. coco_finetune and sam3_finetune are the 840 M model

@@ -25,6 +25,8 @@ import yaml
 from conftest import SHAPES_SPLITS
 
 from sam3_train.cli import redirect_outputs
+from sam3_train.data import ensure_shapes_shards
+from sam3_train.data.shapes import named_data_on_shapes
 from sam3_train.dist import env_without_dist
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
@@ -73,8 +75,13 @@ def _fit(configs: list[str], shapes_root: str, tmp_path: Path) -> tuple[dict, li
     (tmp_path / "cuda_probe.py").write_text(PROBE)
     probe = {"class_path": "cuda_probe.Probe", "init_args": {"out_dir": str(tmp_path)}}
     args = ["fit"]
+    data: dict = {}
     for name in configs:
         args += ["--config", str(_config_into(REPO / "configs" / name, tmp_path))]
+        data.update(yaml.safe_load((REPO / "configs" / name).read_text()).get("data") or {})
+    # The config's named sources and validation sets (placeholders for the user's data) on the shapes splits.
+    patterns = ensure_shapes_shards(shapes_root, splits=SHAPES_SPLITS, max_count=8)  # the session's: cached
+    args += [f"--data.{key}={json.dumps(value)}" for key, value in named_data_on_shapes(data, patterns).items()]
     args += [
         "--model.pretrained=null", "--model.preset=sam3",  # random init at the released sizes
         f"--data.shapes_root={shapes_root}", f"--data.shapes_splits={json.dumps(SHAPES_SPLITS)}",

@@ -226,3 +226,19 @@ def ensure_shapes_shards(
                 raise
         patterns[split] = str(out / Path(pattern).name)
     return patterns
+
+
+def named_data_on_shapes(data: dict[str, Any], patterns: dict[str, str]) -> dict[str, Any]:
+    """The named data of a config's ``data`` section read from the shapes splits instead: how a config
+    made for the user's own shards (``train_sources``, ``val_sets``) is smoke-run on the built-in data.
+
+    Names and weights are kept, so everything keyed by them (``train/source_share/<name>``, a
+    checkpoint monitoring ``val/<set>/cgF1``) still works. ``patterns``: :func:`ensure_shapes_shards`'s
+    {split: pattern}. Returns only the keys ``data`` has: ``train_sources`` (every source on the train
+    split) and ``val_sets`` (the sets alternately on the val and test splits)."""
+    out: dict[str, Any] = {}
+    if data.get("train_sources"):
+        out["train_sources"] = [{**source, "shards": patterns["train"]} for source in data["train_sources"]]
+    if data.get("val_sets"):
+        out["val_sets"] = {name: patterns[("val", "test")[i % 2]] for i, name in enumerate(data["val_sets"])}
+    return out
