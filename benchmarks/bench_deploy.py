@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_detector import timed  # noqa: E402  (one warm-up call, then the median; benchmarks/ is on sys.path)
 from sam3_train.deploy.export import export_graphs, export_source
 from sam3_train.deploy.runtime import OnnxDetector
 from sam3_train.model import build_detector
@@ -46,16 +46,6 @@ COUNTS = (1, 2, 4, 8)
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: first allocations, onnxruntime's lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def slope(counts, seconds) -> float:
