@@ -41,6 +41,7 @@ from sam3_train.model import (
     state_mismatch,
 )
 from sam3_train.model import lora as lora_ckpt
+from sam3_train.model.denoising import DenoisingSettings
 from sam3_train.model.lora import LoraSettings, apply_lora, base_fingerprint
 from sam3_train.nonfinite import SkipNonFinite
 from sam3_train.optim import LRSchedule, Schedule, param_groups
@@ -72,6 +73,8 @@ class Sam3LitModule(L.LightningModule):
         lora: train LoRA adapters (peft) instead of the whole model, on top of the base that
             ``pretrained`` (or ``preset``) builds; checkpoints then hold only the trained tensors and
             the base's fingerprint, and load on the same base (``sam3_train/model/lora.py``).
+        denoising: denoising queries in training (DN-DETR with DINO's negatives), a measured
+            departure for training from scratch (``sam3_train/model/denoising.py``); None: SAM 3.
         criterion: the objective (default: SAM 3's segmentation fine-tuning weights).
         lr, lr_vision, lr_text: base learning rates of the transformer/heads, vision and text groups.
         layer_decay: vision learning rate decay per ViT block towards the input.
@@ -100,6 +103,7 @@ class Sam3LitModule(L.LightningModule):
         freeze_vision: bool = False,
         freeze_text: bool = False,
         lora: LoraSettings | None = None,
+        denoising: DenoisingSettings | None = None,
         criterion: Sam3Criterion | None = None,
         lr: float = 8e-5,
         lr_vision: float = 2.5e-5,
@@ -120,6 +124,8 @@ class Sam3LitModule(L.LightningModule):
         # load_from_checkpoint hands back the plain dict that the hyper-parameters keep (weights-only loadable).
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         lora = self.lora.to_dict() if self.lora is not None else None
+        denoising_settings = DenoisingSettings(**denoising) if isinstance(denoising, dict) else denoising
+        denoising = denoising_settings.to_dict() if denoising_settings is not None else None
         self.save_hyperparameters(ignore=["criterion"])
         if pretrained:
             self.detector: Sam3Detector = Sam3Detector.from_pretrained(
@@ -143,6 +149,7 @@ class Sam3LitModule(L.LightningModule):
             except ImageSizeError as exn:
                 raise ValueError(f"data.image_size={exn.image_size} does not fit the {preset!r} preset: {exn}") from None
         set_vit_drop_path(self.detector.vision_encoder.backbone.layers, drop_path)
+        self.detector.denoising = denoising_settings
         self.base_fingerprint: str | None = None
         if self.lora is not None:
             if not pretrained:

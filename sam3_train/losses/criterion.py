@@ -5,9 +5,10 @@
     loss = criterion.weighted_total(terms, num_pairs=batch.num_pairs)
 
 Term names: ``loss_<term>`` for the final layer's one-to-one queries, ``_aux{i}`` for decoder layer i
-of ``outputs["aux_outputs"]``, then ``_o2m`` for the one-to-many half. Terms:
+of ``outputs["aux_outputs"]``, then ``_o2m`` for the one-to-many half and ``_dn`` for denoising
+queries (their assignment is given, not matched; sam3_train/model/denoising.py). Terms:
 
-    align, presence, bbox, giou        every layer (presence: one-to-one only)
+    align, presence, bbox, giou        every layer (presence: one-to-one only; dn: no presence)
     mask, dice                         final layer, both halves (when pred_masks are given)
     semantic, semantic_dice            once (when semantic_seg is given)
 
@@ -15,6 +16,7 @@ Outputs (training mode; any mask key may be missing for box-only models):
     pred_logits [P, Q], pred_boxes [P, Q, 4] cxcywh, pred_masks [P, Q, h, w], presence_logit [P],
     semantic_seg [P, 1, h, w], aux_outputs: [{pred_logits, pred_boxes, presence_logit}],
     o2m: {pred_logits, pred_boxes, pred_masks, aux_outputs: [{pred_logits, pred_boxes}]}
+    dn: {pred_logits, pred_boxes, indices: MatchIndices, aux_outputs: [{pred_logits, pred_boxes}]}
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sam3_train.losses import terms as T
 from sam3_train.losses.matcher import HungarianMatcher, MatchIndices, OneToManyMatcher
 from sam3_train.losses.targets import PackedTargets, as_packed
 
-_KEY = re.compile(r"^loss_(?P<term>[a-z_]+?)(?P<aux>_aux\d+)?(?P<o2m>_o2m)?$")
+_KEY = re.compile(r"^loss_(?P<term>[a-z_]+?)(?P<aux>_aux\d+)?(?P<half>_o2m|_dn)?$")
 
 
 def num_boxes_across_ranks(packed: PackedTargets) -> float:
@@ -39,7 +41,12 @@ def num_boxes_across_ranks(packed: PackedTargets) -> float:
     DETR's normaliser: every rank divides by the same number, so the gradient average across ranks
     weights every box alike. Without an initialised process group it is the local count.
     """
-    count = packed.num_boxes.sum().to(torch.float32)
+    return mean_count_across_ranks(packed.num_boxes.sum())
+
+
+def mean_count_across_ranks(count: torch.Tensor) -> float:
+    """A count on this rank (a 0-d tensor), averaged over DDP ranks, at least 1."""
+    count = count.to(torch.float32)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -70,6 +77,7 @@ class Sam3Criterion(nn.Module):
         weight_semantic: float = 20.0,
         weight_semantic_dice: float = 30.0,
         o2m_weight: float = 2.0,
+        dn_weight: float = 1.0,
         use_masks: bool = True,
         use_semantic: bool = True,
         aux_loss: bool = True,
@@ -104,6 +112,7 @@ class Sam3Criterion(nn.Module):
             "semantic_dice": weight_semantic_dice if use_semantic else 0.0,
         }
         self.o2m_weight = o2m_weight
+        self.dn_weight = dn_weight
         self.aux_loss = aux_loss
         self.o2m_matcher_on_aux = o2m_matcher_on_aux
         self.scale_by_sqrt_pairs = scale_by_sqrt_pairs
@@ -177,6 +186,16 @@ class Sam3Criterion(nn.Module):
             for name, value in self._layer_terms(out, packed, indices, num_boxes, with_masks=final).items():
                 losses[f"loss_{name}{suffix}"] = value
 
+        dn = outputs.get("dn")
+        if dn is not None:  # denoising queries: the assignment is given; boxes normalised per positive query
+            indices = dn["indices"]
+            num_positive = mean_count_across_ranks(torch.tensor(len(indices), device=device))
+            dn_layers = [("", dn)] + ([(f"_aux{i}", a) for i, a in enumerate(dn.get("aux_outputs", []))]
+                                      if self.aux_loss else [])
+            for suffix, out in dn_layers:
+                for name, value in self._layer_terms(out, packed, indices, num_positive, with_masks=False).items():
+                    losses[f"loss_{name}{suffix}_dn"] = value
+
         if self._on("semantic", "semantic_dice") and "semantic_seg" in outputs and packed.masks is not None:
             sem, sem_dice = T.semantic_losses(outputs["semantic_seg"], packed, **self.semantic_kwargs)
             losses["loss_semantic"], losses["loss_semantic_dice"] = sem, sem_dice
@@ -186,9 +205,10 @@ class Sam3Criterion(nn.Module):
         """The weight ``weighted_total`` gives the term ``key`` (the o2m weight included)."""
         match = _KEY.match(key)
         if match is None or match["term"] not in self.weights:
-            raise KeyError(f"Sam3Criterion: unknown loss term {key!r}; expected loss_<term>[_aux<i>][_o2m]")
+            raise KeyError(f"Sam3Criterion: unknown loss term {key!r}; expected loss_<term>[_aux<i>][_o2m|_dn]")
         weight = self.weights[match["term"]]
-        return weight * self.o2m_weight if match["o2m"] else weight
+        half = {"_o2m": self.o2m_weight, "_dn": self.dn_weight, None: 1.0}[match["half"]]
+        return weight * half
 
     def weighted_total(self, terms: dict[str, torch.Tensor], *, num_pairs: int) -> torch.Tensor:
         """sum(weight x term), times sqrt(num_pairs) when ``scale_by_sqrt_pairs`` (SAM 3's batch scaling)."""

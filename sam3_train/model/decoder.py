@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.sam3.modeling_sam3 import Sam3DetrDecoder, Sam3DetrDecoderLayer, inverse_sigmoid
 
+from sam3_train.model.denoising import DenoisingQueries
+
 
 @dataclass
 class DecoderStates:
@@ -78,11 +80,14 @@ def run_decoder(
     dac: bool,
     activation_checkpointing: bool = False,
     initial_queries: torch.Tensor | None = None,
+    denoising: DenoisingQueries | None = None,
 ) -> DecoderStates:
     """All decoder layers; with ``dac`` the query set is [one-to-one | one-to-many], 2Q queries.
 
     ``initial_queries`` ([copies * Q, C] or [P, copies * Q, C]) replaces the learned query embeddings,
-    duplicated, as the decoder's input; by default they are the learned ones.
+    duplicated, as the decoder's input; by default they are the learned ones. ``denoising`` appends
+    its D queries after them (training only; they skip self-attention as the one-to-many half does,
+    see :mod:`sam3_train.model.denoising`): the states then hold copies * Q + D queries.
     """
     num_pairs = vision_features.shape[0]
     copies = 2 if dac else 1
@@ -91,6 +96,10 @@ def run_decoder(
         initial_queries = decoder.query_embed.weight.repeat(copies, 1)
     queries = initial_queries.expand(num_pairs, -1, -1) if initial_queries.dim() == 2 else initial_queries
     reference = decoder.reference_points.weight.repeat(copies, 1).unsqueeze(0).expand(num_pairs, -1, -1).sigmoid()
+    if denoising is not None:
+        content = decoder.query_embed.weight.index_select(0, denoising.query_ids)
+        queries = torch.cat([queries, content.unsqueeze(0).expand(num_pairs, -1, -1)], dim=1)
+        reference = torch.cat([reference, denoising.reference.to(reference.dtype)], dim=1)
     presence = decoder.presence_token.weight.unsqueeze(0).expand(num_pairs, -1, -1)
     hidden = torch.cat([presence, queries], dim=1)  # [P, 1 + copies*Q, C]
 
@@ -108,7 +117,9 @@ def run_decoder(
         vision_mask = F.pad(rpb, (0, 0, 1, 0))  # the presence token attends to every image token alike
         args = (hidden, query_pos, text_features, vision_features, vision_pos, text_attn_mask, vision_mask)
         # partial, not a closure: checkpointing re-runs ``step`` in the backward pass, after the loop moved on.
-        step = partial(_layer_with_dac, layer, num_o2o=num_queries) if dac else partial(_plain_layer, layer)
+        # With a one-to-many half or denoising queries, the queries after the one-to-one ones skip self-attention.
+        split = dac or denoising is not None
+        step = partial(_layer_with_dac, layer, num_o2o=num_queries) if split else partial(_plain_layer, layer)
         hidden = checkpoint(step, *args, use_reentrant=False) if activation_checkpointing else step(*args)
 
         query_states = decoder.output_layer_norm(hidden[:, 1:])

@@ -22,6 +22,8 @@ Output dict (P pairs, Q queries, h = w = 4 x the ViT token grid):
     aux_outputs     list over earlier layers of {pred_logits, pred_boxes, presence_logit}
     o2m             (training with DAC) {pred_logits, pred_boxes, pred_masks,
                                          aux_outputs: [{pred_logits, pred_boxes}]}
+    dn              (training with ``denoising``) {pred_logits [P, D], pred_boxes [P, D, 4],
+                                         indices (their fixed assignment), aux_outputs}
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from sam3_train.data.batch import Batch
 from sam3_train.model import checkpoint_io
+from sam3_train.losses.targets import PackedTargets
 from sam3_train.model.decoder import run_decoder
+from sam3_train.model.denoising import DenoisingQueries, DenoisingSettings, make_denoising_queries
 from sam3_train.model.presets import preset_config
 from sam3_train.data.tokenizer import Sam3Tokenizer
 
@@ -74,6 +78,8 @@ class Sam3Detector(Sam3Model):
             0.02, for every weight). Loading a checkpoint overwrites it. At small widths transformers'
             init leaves the heads ignoring their input (a presence logit constant across pairs) and
             starts every query at the same box.
+        denoising: add denoising queries in training (DN-DETR/DINO, a departure for training from
+            scratch: :mod:`sam3_train.model.denoising`); ``None`` (SAM 3's recipe) by default.
     """
 
     # transformers' flag for activation_checkpointing_enable (Sam3Model leaves it False); its only
@@ -90,6 +96,7 @@ class Sam3Detector(Sam3Model):
         train_masks: bool = True,
         tokenizer: Sam3Tokenizer | None = None,
         init: Init = "meta",
+        denoising: DenoisingSettings | None = None,
     ):
         super().__init__(config)
         if init == "xavier":
@@ -104,6 +111,7 @@ class Sam3Detector(Sam3Model):
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
         self.train_masks = train_masks
+        self.denoising = denoising
         self._tokenizer = tokenizer
         self.set_activation_checkpointing(activation_checkpointing)
 
@@ -315,7 +323,12 @@ class Sam3Detector(Sam3Model):
                for p in vision.fpn_position_encoding[:-1]]
 
         text, text_mask = self.encode_text(batch.input_ids, batch.attention_mask)
-        return self.detect(levels, pos, text, text_mask, batch.exemplar_boxes, batch.exemplar_labels)
+        denoising = None
+        if self.training and self.denoising is not None and batch.targets:
+            packed = PackedTargets.from_list(batch.targets, device=batch.images.device)
+            denoising = make_denoising_queries(packed, self.denoising, num_learned_queries=self.num_queries)
+        return self.detect(levels, pos, text, text_mask, batch.exemplar_boxes, batch.exemplar_labels,
+                           denoising=denoising)
 
     def detect(
         self,
@@ -325,10 +338,13 @@ class Sam3Detector(Sam3Model):
         text_mask: torch.Tensor,
         exemplar_boxes: torch.Tensor | None = None,
         exemplar_labels: torch.Tensor | None = None,
+        *,
+        denoising: DenoisingQueries | None = None,
     ) -> dict[str, Any]:
         """Everything after the image and text encoders, per (image, phrase) pair: prompt, fusion,
         decoder, heads. ``levels``/``pos``: the FPN levels the detector reads and their position
-        encodings, one row per pair; ``text`` [P, L, C] projected, ``text_mask`` [P, L] bool."""
+        encodings, one row per pair; ``text`` [P, L, C] projected, ``text_mask`` [P, L] bool.
+        ``denoising``: training-only denoising queries, whose outputs come back under ``"dn"``."""
         prompt, prompt_mask = self.encode_prompt(text, text_mask, exemplar_boxes, exemplar_labels, levels, pos)
         memory, memory_pos, shape = self.encode_fusion(levels[-1], pos[-1], prompt, prompt_mask)
 
@@ -343,12 +359,21 @@ class Sam3Detector(Sam3Model):
             spatial_shape=shape,
             dac=dac,
             activation_checkpointing=use_ckpt,
+            denoising=denoising,
         )
         logits = self.dot_product_scoring(
             decoder_hidden_states=states.hidden, text_features=prompt, text_mask=prompt_mask
         ).squeeze(-1)  # [layers, P, copies * Q]
         q = self.num_queries
         one, many = slice(0, q), slice(q, 2 * q)
+        learned = (2 if dac else 1) * q  # the denoising queries follow
+        if denoising is not None:
+            dn = slice(learned, learned + denoising.num_queries)
+            out_dn = {
+                "pred_logits": logits[-1, :, dn], "pred_boxes": states.boxes[-1, :, dn], "indices": denoising.indices,
+                "aux_outputs": [{"pred_logits": logits[i, :, dn], "pred_boxes": states.boxes[i, :, dn]}
+                                for i in range(len(logits) - 1)],
+            }
         out: dict[str, Any] = {
             "pred_logits": logits[-1, :, one],
             "pred_boxes": states.boxes[-1, :, one],
@@ -368,12 +393,14 @@ class Sam3Detector(Sam3Model):
                     for i in range(len(logits) - 1)
                 ],
             }
+        if denoising is not None:
+            out["dn"] = out_dn
         if self.train_masks or not self.training:
             # The pixel decoder works at 4x the token grid per pair (288 x 288 x 256 at 1008 px): with
             # activation checkpointing it is recomputed in backward like the transformer layers.
             decode = partial(checkpoint, self.mask_decoder, use_reentrant=False) if use_ckpt else self.mask_decoder
             masks = decode(
-                decoder_queries=states.hidden[-1],
+                decoder_queries=states.hidden[-1, :, :learned],  # no masks for denoising queries
                 backbone_features=levels,
                 encoder_hidden_states=memory,
                 prompt_features=prompt,
@@ -424,7 +451,7 @@ class Sam3Detector(Sam3Model):
 
 def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpointing: bool = False,
                    encode_empty_geometry: bool = True, init: Init = "meta",
-                   **overrides: Any) -> Sam3Detector:
+                   denoising: DenoisingSettings | None = None, **overrides: Any) -> Sam3Detector:
     """A randomly initialised detector of a preset size (``tiny``, ``small``, ``sam3``).
 
     ``overrides`` go to :func:`sam3_train.model.presets.preset_config` (``image_size``,
@@ -436,4 +463,5 @@ def build_detector(preset: str = "tiny", *, dac: bool = True, activation_checkpo
         activation_checkpointing=activation_checkpointing,
         encode_empty_geometry=encode_empty_geometry,
         init=init,
+        denoising=denoising,
     )
