@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import EngineFrame, png_bytes
+from conftest import EngineFrame, in_ci, png_bytes, write_shards
+from PIL import Image
 
 from sam3_train.data import rle as rle_ops
 from sam3_train.engine import (
@@ -21,6 +30,7 @@ from sam3_train.engine import (
     export_review,
     import_review,
     pseudo_sample,
+    read_samples,
 )
 from sam3_train.engine.label_studio import (
     brush_to_mask,
@@ -31,8 +41,10 @@ from sam3_train.engine.label_studio import (
     review_tasks,
     reviewed_coco,
 )
-from sam3_train.engine.label_studio.backend import ConceptBackend, ConceptPredictor, prompt_of
+from sam3_train.engine.label_studio.backend import ConceptBackend, ConceptPredictor, prompt_of, serve
+from sam3_train.engine.label_studio.client import connect, export_project, import_project, local_files_url, project_tasks
 from sam3_train.engine.label_studio.tasks import PAIR, brush_region
+from sam3_train.engine.review import import_round
 from sam3_train.model import build_detector
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -245,8 +257,6 @@ def test_backend_answers_with_brush_masks_of_the_image_size(tmp_path):
     image = np.zeros((H, W, 3), np.uint8)
     image[4:12, 6:20] = (200, 30, 30)
     (tmp_path / "pics").mkdir()
-    from PIL import Image
-
     Image.fromarray(image).save(tmp_path / "pics" / "a.png")
     backend = ConceptBackend(predictor=predictor, document_root=tmp_path)
     config = concept_config(["object"])
@@ -265,3 +275,179 @@ def test_backend_answers_with_brush_masks_of_the_image_size(tmp_path):
     assert answer["score"] == pytest.approx(float(found["scores"].max()))
     with pytest.raises(ValueError, match="outside the document root"):
         backend.load_image("/data/local-files/?d=../../etc/passwd")
+
+
+# ------------------------------------------------------------------------------------------------ a real server
+REPO = Path(__file__).resolve().parents[1]
+LABEL_STUDIO = REPO / ".venv-ls" / "bin" / "label-studio"
+TOKEN = "sam3-train-test-token"
+STARTUP_S = 300  # migrations of a fresh data dir take ~40 s on a free 2-core machine; more when it is busy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A Label Studio server on a free localhost port with a throw-away data dir, serving local files
+    from its own document root; stopped (its process group) after the module's tests."""
+    if not LABEL_STUDIO.is_file():
+        message = f"{LABEL_STUDIO} is missing: run tools/setup_label_studio.sh (setup_env.sh runs it)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("label_studio")
+    (root / "docs").mkdir()
+    port = free_port()
+    env = {**os.environ, "LATEST_VERSION_CHECK": "false",  # no PyPI request at start
+           "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root / "docs"),
+           # the concept backend runs on localhost: the ML client's check and the ML webhook's (which
+           # refuses the default reserved subnets, loopback included, whatever ML_BLOCK_LOCAL_IP says)
+           "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false"}
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(LABEL_STUDIO), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(root / "data"), "--username", "reviewer@example.com", "--password", "sam3-train-review",
+         "--user-token", TOKEN, "--enable-legacy-api-token"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"Label Studio exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"Label Studio did not answer in {STARTUP_S} s:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield {"url": url, "root": root / "docs", "client": connect(url=url, api_key=TOKEN)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and anything it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def write_round(round_dir: Path, samples: dict, image: bytes) -> None:
+    """A round whose shards are written (what import_round reads): its shards and shards.json."""
+    paths = write_shards(round_dir / "shards-rank000", "pseudo", samples, image)
+    (round_dir / "shards.json").write_text(json.dumps(
+        {"shards": {"0": [{"path": str(Path(p).relative_to(round_dir))} for p in paths]}, "inputs": {}}))
+
+
+def as_reviewer(client, task_id: int, result: list, *, cancelled: bool = False) -> None:
+    client.annotations.create(id=task_id, result=result, was_cancelled=cancelled, lead_time=12.5)
+
+
+@pytest.mark.slow
+def test_round_trip_through_a_real_label_studio_server(label_studio):
+    client, root = label_studio["client"], label_studio["root"]
+    review_dir, round_dir = root / "review", root / "engine" / "round-001"
+    coco, samples, image = review_set(review_dir, only_flagged=False)
+    write_round(round_dir, samples, image)
+    record = export_project(client=client, review_dir=review_dir, document_root=root)
+    assert record["tasks"] == 4 and json.loads((review_dir / "label_studio.json").read_text()) == record
+    tasks = by_phrase(project_tasks(client, record["project"]))
+    assert sorted(tasks) == ["blue star", "circle", "red square", "star"]
+    served = httpx.get(label_studio["url"] + tasks["circle"]["data"]["image"],
+                       headers={"Authorization": f"Token {TOKEN}"}, timeout=30)
+    assert served.status_code == 200 and served.content == image  # local-files storage serves the review's image
+    predicted = {p: client.tasks.get(id=t["id"]).predictions[0] for p, t in tasks.items()}
+    assert predicted["circle"].score == 0.9 and predicted["circle"].model_version == "sam3-train-review"
+
+    def start_from(phrase):  # the editor copies the prediction into the reviewer's annotation
+        out = {}
+        for item in predicted[phrase].result:
+            out.setdefault(item["id"], []).append(copy.deepcopy(item))
+        return out
+
+    flat = lambda rs: [item for r in rs.values() for item in r]  # noqa: E731
+    square = start_from("red square")  # accept the rejected instance, mark the pair exhaustive
+    next(r for r in square.values() if r[-1]["value"]["choices"] == ["rejected"])[1]["value"]["choices"] = ["kept"]
+    square["exhaustive"][0]["value"]["choices"] = ["exhaustive"]
+    as_reviewer(client, tasks["red square"]["id"], flat(square))
+    circle = start_from("circle")  # delete the kept instance, add the missed one
+    del circle[next(k for k, r in circle.items() if r[-1]["value"]["choices"] == ["kept"])]
+    added = box_mask(20, 10, 28, 16).numpy()
+    circle["new1"] = [brush_region(added, "circle", region_id="new1")]
+    as_reviewer(client, tasks["circle"]["id"], flat(circle))
+    star = start_from("blue star")  # not exhaustive after all
+    star["exhaustive"][0]["value"]["choices"] = ["not exhaustive"]
+    as_reviewer(client, tasks["blue star"]["id"], flat(star))
+    as_reviewer(client, tasks["star"]["id"], [], cancelled=True)  # skipped: the pair stays as it is
+
+    path, counts = import_project(client=client, review_dir=review_dir)
+    assert counts == {"tasks": 4, "reviewed": 3, "labels": 3, "rejected": 2, "added": 1, "edited": 0}
+    result = import_round(round_dir=round_dir, review=path)
+    assert result["changed"] == [[KEY, "blue star"], [KEY, "circle"], [KEY, "red square"]]
+    written = json.loads((round_dir / "shards.json").read_text())
+    assert written["reviews"][0]["file"] == str(path)
+    (key, _, _, meta), = read_samples([str(round_dir / e["path"]) for e in written["shards"]["0"]])
+    old = {q["phrase"]: q for q in samples[KEY]["queries"]}
+    new = {q["phrase"]: q for q in meta["queries"]}
+    assert key == KEY and new["star"] == old["star"]
+    assert new["blue star"] == {**old["blue star"], "exhaustive": False}
+    assert new["red square"]["exhaustive"] is True and len(new["red square"]["instances"]) == 2
+    assert new["red square"]["instances"][0] == old["red square"]["instances"][0]
+    (label,) = new["circle"]["instances"]
+    assert np.array_equal(rle_ops.decode(label["rle"]), added.astype(np.uint8))
+
+    before = path.read_bytes()
+    path, _ = import_project(client=client, review_dir=review_dir)  # again: the same decisions, the same file
+    assert path.read_bytes() == before
+    assert import_round(round_dir=round_dir, review=path) == {"changed": [], "shards": None}
+
+
+@pytest.mark.slow
+def test_concept_backend_answers_the_servers_interactive_request(label_studio, tmp_path):
+    client, root = label_studio["client"], label_studio["root"]
+    torch.manual_seed(0)
+    build_detector("tiny").save_pretrained(tmp_path / "tiny")  # random weights: the answer's shape is under test
+    backend = ConceptBackend(predictor=ConceptPredictor.from_path(tmp_path / "tiny"), document_root=root)
+    server = serve(backend, port=free_port())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (root / "concepts").mkdir()
+        picture = np.zeros((H, W, 3), np.uint8)
+        picture[4:12, 6:20] = (200, 30, 30)
+        Image.fromarray(picture).save(root / "concepts" / "a.png")
+        project = client.projects.create(title="SAM 3 concepts", label_config=concept_config(["object"]))
+        client.import_storage.local.create(project=project.id, path=str(root / "concepts"), use_blob_urls=False)
+        client.projects.import_tasks(id=project.id, request=[
+            {"data": {"image": local_files_url(root / "concepts" / "a.png", root)}}])
+        (task,) = project_tasks(client, project.id)
+        ml = client.ml.create(url=f"http://127.0.0.1:{server.server_address[1]}", project=project.id,
+                              is_interactive=True, title="SAM 3 concepts")
+        assert client.ml.get(id=ml.id).state == "CO"  # connected: the server called /health and /setup
+        context = {"result": [
+            {"type": "textarea", "from_name": "phrase", "to_name": "image", "value": {"text": ["red square"]}},
+            {"type": "rectanglelabels", "from_name": "exemplar", "to_name": "image", "original_width": W,
+             "original_height": H, "value": {"x": 18.75, "y": 16.67, "width": 43.75, "height": 33.33,
+                                             "rectanglelabels": ["exemplar"]}}]}
+        answer = httpx.post(f"{label_studio['url']}/api/ml/{ml.id}/interactive-annotating",
+                            json={"task": task["id"], "context": context},
+                            headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        prediction = answer.json()["data"]  # what the server hands the editor: the backend's first result
+        regions = prediction["result"]
+        assert regions and prediction["model_version"] == "sam3-train"
+        for region in regions:
+            assert (region["from_name"], region["to_name"], region["type"]) == ("mask", "image", "brushlabels")
+            assert region["value"]["brushlabels"] == ["object"] and 0.0 <= region["score"] <= 1.0
+            assert brush_to_mask(region["value"]["rle"], H, W).shape == (H, W)  # decodes to the image size
+        assert prediction["score"] == max(r["score"] for r in regions)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
