@@ -295,7 +295,7 @@ def label_studio(tmp_path_factory):
     """A Label Studio server on a free localhost port with a throw-away data dir, serving local files
     from its own document root; stopped (its process group) after the module's tests."""
     if not LABEL_STUDIO.is_file():
-        message = f"{LABEL_STUDIO} is missing: run tools/setup_label_studio.sh (setup_env.sh runs it)"
+        message = f"{LABEL_STUDIO} is missing: run tools/setup_label_studio.sh (.ci/run runs it)"
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
