@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import EngineFrame, in_ci, png_bytes, write_shards
+from conftest import LABEL_STUDIO_TOKEN, EngineFrame, free_port, png_bytes, write_shards
 from PIL import Image
 
 from sam3_train.data import rle as rle_ops
@@ -278,66 +273,6 @@ def test_backend_answers_with_brush_masks_of_the_image_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ a real server
-REPO = Path(__file__).resolve().parents[1]
-LABEL_STUDIO = REPO / ".venv-ls" / "bin" / "label-studio"
-TOKEN = "sam3-train-test-token"
-STARTUP_S = 300  # migrations of a fresh data dir take ~40 s on a free 2-core machine; more when it is busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """A Label Studio server on a free localhost port with a throw-away data dir, serving local files
-    from its own document root; stopped (its process group) after the module's tests."""
-    if not LABEL_STUDIO.is_file():
-        message = f"{LABEL_STUDIO} is missing: run tools/setup_label_studio.sh (.ci/run runs it)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("label_studio")
-    (root / "docs").mkdir()
-    port = free_port()
-    env = {**os.environ, "LATEST_VERSION_CHECK": "false",  # no PyPI request at start
-           "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root / "docs"),
-           # the concept backend runs on localhost: the ML client's check and the ML webhook's (which
-           # refuses the default reserved subnets, loopback included, whatever ML_BLOCK_LOCAL_IP says)
-           "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(LABEL_STUDIO), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(root / "data"), "--username", "reviewer@example.com", "--password", "sam3-train-review",
-         "--user-token", TOKEN, "--enable-legacy-api-token"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"Label Studio exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Label Studio did not answer in {STARTUP_S} s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield {"url": url, "root": root / "docs", "client": connect(url=url, api_key=TOKEN)}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and anything it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 def write_round(round_dir: Path, samples: dict, image: bytes) -> None:
     """A round whose shards are written (what import_round reads): its shards and shards.json."""
     paths = write_shards(round_dir / "shards-rank000", "pseudo", samples, image)
@@ -350,17 +285,17 @@ def as_reviewer(client, task_id: int, result: list, *, cancelled: bool = False) 
 
 
 @pytest.mark.slow
-def test_round_trip_through_a_real_label_studio_server(label_studio):
-    client, root = label_studio["client"], label_studio["root"]
+def test_round_trip_through_a_real_label_studio_server(label_studio, tmp_path):
+    client, root = label_studio["client"], tmp_path
     review_dir, round_dir = root / "review", root / "engine" / "round-001"
     coco, samples, image = review_set(review_dir, only_flagged=False)
     write_round(round_dir, samples, image)
-    record = export_project(client=client, review_dir=review_dir, document_root=root)
+    record = export_project(client=client, review_dir=review_dir, document_root=label_studio["root"])
     assert record["tasks"] == 4 and json.loads((review_dir / "label_studio.json").read_text()) == record
     tasks = by_phrase(project_tasks(client, record["project"]))
     assert sorted(tasks) == ["blue star", "circle", "red square", "star"]
     served = httpx.get(label_studio["url"] + tasks["circle"]["data"]["image"],
-                       headers={"Authorization": f"Token {TOKEN}"}, timeout=30)
+                       headers={"Authorization": f"Token {LABEL_STUDIO_TOKEN}"}, timeout=30)
     assert served.status_code == 200 and served.content == image  # local-files storage serves the review's image
     predicted = {p: client.tasks.get(id=t["id"]).predictions[0] for p, t in tasks.items()}
     assert predicted["circle"].score == 0.9 and predicted["circle"].model_version == "sam3-train-review"
@@ -410,10 +345,10 @@ def test_round_trip_through_a_real_label_studio_server(label_studio):
 
 @pytest.mark.slow
 def test_concept_backend_answers_the_servers_interactive_request(label_studio, tmp_path):
-    client, root = label_studio["client"], label_studio["root"]
+    client, root = label_studio["client"], tmp_path
     torch.manual_seed(0)
     build_detector("tiny").save_pretrained(tmp_path / "tiny")  # random weights: the answer's shape is under test
-    backend = ConceptBackend(predictor=ConceptPredictor.from_path(tmp_path / "tiny"), document_root=root)
+    backend = ConceptBackend(predictor=ConceptPredictor.from_path(tmp_path / "tiny"), document_root=label_studio["root"])
     server = serve(backend, port=free_port())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -425,7 +360,7 @@ def test_concept_backend_answers_the_servers_interactive_request(label_studio, t
         project = client.projects.create(title="SAM 3 concepts", label_config=concept_config(["object"]))
         client.import_storage.local.create(project=project.id, path=str(root / "concepts"), use_blob_urls=False)
         client.projects.import_tasks(id=project.id, request=[
-            {"data": {"image": local_files_url(root / "concepts" / "a.png", root)}}])
+            {"data": {"image": local_files_url(root / "concepts" / "a.png", label_studio["root"])}}])
         (task,) = project_tasks(client, project.id)
         ml = client.ml.create(url=f"http://127.0.0.1:{server.server_address[1]}", project=project.id,
                               is_interactive=True, title="SAM 3 concepts")
@@ -437,7 +372,7 @@ def test_concept_backend_answers_the_servers_interactive_request(label_studio, t
                                              "rectanglelabels": ["exemplar"]}}]}
         answer = httpx.post(f"{label_studio['url']}/api/ml/{ml.id}/interactive-annotating",
                             json={"task": task["id"], "context": context},
-                            headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+                            headers={"Authorization": f"Token {LABEL_STUDIO_TOKEN}"}, timeout=120)
         assert answer.status_code == 200, answer.text
         prediction = answer.json()["data"]  # what the server hands the editor: the backend's first result
         regions = prediction["result"]
