@@ -3,6 +3,7 @@
     detector = load_detector("runs/x/checkpoints/last.ckpt")   # or an HF folder; LoRA adapters merged
     module = load_module("round-000/model.ckpt")               # the Sam3LitModule (trainer.test, ...)
     load_weights(module, "round-000/model.ckpt")               # a checkpoint's weights into a built module
+    checkpoint_thresholds("round-000/model.ckpt")              # its prediction thresholds (sam3-train predict's)
 
 Every ``.ckpt`` is first checked by :func:`sam3_train.checkpointing.check_checkpoint_file` (a missing,
 empty, truncated or foreign file, or one carrying pickled code, fails with one message naming it) and
@@ -20,6 +21,7 @@ weights were trained), not a detector config, and turning those settings into a 
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,20 @@ def load_detector(source: str | os.PathLike, *, pretrained: str | os.PathLike | 
         )
     module = load_module(source, **({"pretrained": str(pretrained)} if pretrained else {}))
     return merge_lora(module.detector) if module.lora is not None else module.detector
+
+
+def checkpoint_thresholds(source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Post-processing settings of ``sam3-train predict`` for this source (what ``sam3-train export``
+    writes in deploy.json and the Label Studio backend uses): the run's hyper-parameters
+    for a ``.ckpt``, ``Sam3LitModule``'s defaults otherwise (an HF folder, None)."""
+    defaults = inspect.signature(Sam3LitModule.__init__).parameters
+    values = {"eval_score_threshold": defaults["eval_score_threshold"].default,
+              "max_detections": defaults["max_detections"].default}
+    if source is not None and Path(source).is_file():
+        hparams = load_checkpoint_file(source, mmap=True).get("hyper_parameters", {})  # mmap: no tensor read
+        values.update({k: hparams[k] for k in values if k in hparams})
+    return {"score_threshold": float(values["eval_score_threshold"]), "max_detections": int(values["max_detections"]),
+            "mask_threshold": 0.0}
 
 
 def load_weights(module: Sam3LitModule, path: str | os.PathLike) -> None:

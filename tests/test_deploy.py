@@ -25,12 +25,13 @@ from conftest import SHAPES_SPLITS
 from fault_cli import IMAGE_SIZE, fit_config, output, run
 from pycocotools import mask as mask_utils
 
-from sam3_train.deploy.export import checkpoint_thresholds, export_graphs, fingerprint
+from sam3_train.deploy.export import export_graphs, fingerprint
 from sam3_train.deploy.export_ops import (
     encode_boxes_with_roi_tensor,
     encode_prompt_always_with_geometry,
     exportable_copy,
 )
+from sam3_train.loading import checkpoint_thresholds
 from sam3_train.model import build_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHAPES_SPLITS
+from conftest import LABEL_STUDIO_TOKEN, SHAPES_SPLITS
 
 from sam3_train.dist import env_without_dist
 from sam3_train.engine import read_manifest, read_samples, round_finished, shard_paths
@@ -205,6 +205,45 @@ def test_review_export_then_import_changes_exactly_the_edited_labels(finished):
     assert after == {**before, "exhaustive": True} and before["exhaustive"] is False
     _, output = run_tool(["import-review", *config, "--round", "1", "--review", "edited.json"], run_dir)
     assert "0 pairs changed" in output  # importing again changes nothing
+
+
+def test_review_in_label_studio_through_the_front(finished, label_studio):
+    """export-label-studio / import-label-studio against a real server (docs/label_studio.md): a reviewer
+    accepts a rejected instance in one task and marks another task's pair exhaustive; the import
+    changes exactly those two pairs through import-review's path, and importing again changes nothing."""
+    from sam3_train.engine.label_studio.client import project_tasks
+
+    run_dir = finished["root"] / "label-studio"
+    shutil.copytree(finished["work"], run_dir / "engine")
+    round_dir, config = run_dir / "engine" / "round-001", finished["config"]
+    server = ["--url", label_studio["url"], "--api-key", LABEL_STUDIO_TOKEN]
+    _, output = run_tool(["export-label-studio", *config, "--round", "1", "--out", "out", "--document-root",
+                          str(label_studio["root"]), *server], run_dir)
+    record = json.loads((run_dir / "out" / "label_studio.json").read_text())
+    assert f"/projects/{record['project']}/data" in output
+    client = label_studio["client"]
+    tasks = project_tasks(client, record["project"])
+    entries = {e["id"]: e for e in json.loads((run_dir / "out" / "review.json").read_text())["images"]}
+    assert len(tasks) == len(entries) == record["tasks"] > 1
+    results = {t["id"]: client.tasks.get(id=t["id"]).predictions[0].result for t in tasks}
+    pair = {t["id"]: entries[t["data"]["sam3_train_pair"]]["sam3_train"] for t in tasks}
+    accept = next(i for i, r in results.items() if any(x["from_name"] == "status" and x["value"]["choices"] == [
+        "rejected"] for x in r))
+    complete = next(i for i, r in results.items() if i != accept and not pair[i]["exhaustive"])
+    for item in results[accept]:
+        if item["from_name"] == "status" and item["value"]["choices"] == ["rejected"]:
+            item["value"]["choices"] = ["kept"]
+            break
+    next(x for x in results[complete] if x["from_name"] == "exhaustive")["value"]["choices"] = ["exhaustive"]
+    for task in (accept, complete):
+        client.annotations.create(id=task, result=results[task], was_cancelled=False)
+    _, output = run_tool(["import-label-studio", *config, "--round", "1", "--review", "out", *server], run_dir)
+    assert "2 of" in output and "2 pairs changed" in output
+    manifest = read_manifest(round_dir)
+    assert round_finished(round_dir, check_hashes=True) and manifest["reviews"][0]["changed"] == sorted(
+        [[pair[i]["key"], pair[i]["phrase"]] for i in (accept, complete)])
+    _, output = run_tool(["import-label-studio", *config, "--round", "1", "--review", "out", *server], run_dir)
+    assert "0 pairs changed" in output  # the same decisions again change nothing
 
 
 def test_two_rank_ddp_proposes_and_writes_every_pool_image_exactly_once(tmp_path, shapes_root):

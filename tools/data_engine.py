@@ -6,6 +6,8 @@
     python tools/data_engine.py status $C
     python tools/data_engine.py export-review $C --round 1 --out review/r1
     python tools/data_engine.py import-review $C --round 1 --review review/r1/review.json
+    python tools/data_engine.py export-label-studio $C --round 1 --out review/r1   # review in Label Studio
+    python tools/data_engine.py import-label-studio $C --round 1 --review review/r1  # (docs/label_studio.md)
 
 An engine config is a sam3-train config plus an ``engine:`` section (the DataEngine settings),
 usually the base config and an overlay holding that section; the files are read in order by the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+    def command(name: str, help_: str, parents: list[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, parents=list(parents))
         p.add_argument("--config", required=True, action="append",
                        help="a sam3-train config; repeat it: later files override earlier ones, and one of them "
                             "holds the engine: section (configs/shapes_tiny.yaml, then configs/engine/shapes.yaml)")
@@ -66,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     imp = command("import-review", "import a corrected review JSON into a round's shards")
     imp.add_argument("--round", type=int, required=True)
     imp.add_argument("--review", required=True, help="the edited review.json")
+    server = argparse.ArgumentParser(add_help=False)  # the Label Studio server both commands talk to
+    server.add_argument("--round", type=int, required=True)
+    server.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL", "http://localhost:8080"),
+                        help="the Label Studio server (default: $LABEL_STUDIO_URL or http://localhost:8080)")
+    server.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                        help="a user's access token (default: $LABEL_STUDIO_API_KEY)")
+    ls_export = command("export-label-studio", "export-review, then a Label Studio project with one task per pair",
+                        parents=[server])
+    ls_export.add_argument("--out", required=True, help="the review folder (below the server's document root)")
+    ls_export.add_argument("--document-root", default=os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"),
+                           help="the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: that variable)")
+    ls_export.add_argument("--title", help="the project's title (default: sam3-train review <out folder>)")
+    ls_export.add_argument("--all", action="store_true", help="every pair, not only flagged ones")
+    ls_export.add_argument("--min-score", type=float, default=0.1, help="hide rejected instances below this score")
+    ls_import = command("import-label-studio", "import the reviewers' decisions of a Label Studio project",
+                        parents=[server])
+    ls_import.add_argument("--review", required=True, help="the review folder export-label-studio wrote")
     return parser
 
 
@@ -108,8 +128,50 @@ def main(argv: list[str] | None = None) -> None:
 
         result = import_round(round_dir=Path(settings.work_dir) / round_dir_name(args.round), review=args.review,
                               max_count=settings.max_count)
-        print(f"review imported: {len(result['changed'])} pairs changed"
-              + (f", shards in {result['shards']}" if result["shards"] else " (nothing rewritten)"))
+        _imported(result)
+    elif args.command in ("export-label-studio", "import-label-studio"):
+        _label_studio(args, settings)
+
+
+def _imported(result: dict) -> None:
+    print(f"review imported: {len(result['changed'])} pairs changed"
+          + (f", shards in {result['shards']}" if result["shards"] else " (nothing rewritten)"))
+
+
+def _label_studio(args: argparse.Namespace, settings) -> None:
+    """export-label-studio / import-label-studio (sam3_train/engine/label_studio/client.py)."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    from sam3_train.engine.label_studio.client import connect, export_project, import_project
+    from sam3_train.engine.review import export_round, import_round
+
+    round_dir = Path(settings.work_dir) / round_dir_name(args.round)
+    try:
+        client = connect(url=args.url, api_key=args.api_key)
+        if args.command == "export-label-studio":
+            if not args.document_root:
+                raise ValueError("pass --document-root (or set LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the folder "
+                                 "the server serves local files from, above --out")
+            counts = export_round(round_dir=round_dir, settings=settings, out_dir=args.out,
+                                  only_flagged=not args.all, min_score=args.min_score)
+            record = export_project(client=client, review_dir=args.out, document_root=args.document_root,
+                                    title=args.title)
+            print(f"review set: {counts['pairs']} pairs, {counts['annotations']} annotations in {args.out}; "
+                  f"Label Studio project {record['project']}: {args.url.rstrip('/')}/projects/{record['project']}/data "
+                  "(review there, then import-label-studio)")
+        else:
+            path, counts = import_project(client=client, review_dir=args.review)
+            print(f"Label Studio: {counts['reviewed']} of {counts['tasks']} tasks reviewed, {counts['labels']} labels "
+                  f"({counts['added']} added, {counts['edited']} redrawn), {counts['rejected']} rejected -> {path}")
+            _imported(import_round(round_dir=round_dir, review=path, max_count=settings.max_count))
+    except (FileNotFoundError, ValueError, RuntimeError) as exn:
+        sys.exit(f"data_engine.py {args.command}: {exn}")
+    except httpx.TransportError as exn:
+        sys.exit(f"data_engine.py {args.command}: cannot reach Label Studio at {args.url} ({exn}); start it "
+                 "(docs/label_studio.md) or pass --url")
+    except ApiError as exn:
+        sys.exit(f"data_engine.py {args.command}: Label Studio at {args.url} answered {exn.status_code}: {exn.body}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or update) .venv with sam3-train and its dev and deploy (ONNX) extras.
+# Create (or update) .venv with sam3-train and its dev, deploy (ONNX) and review (Label Studio client) extras.
+# The Label Studio server has its own venv: tools/setup_label_studio.sh (.ci/run runs both).
 #
 # torch and torchvision must be a matching pair (transformers imports torchvision, and SAM 3's
 # exemplar encoder uses torchvision.ops.roi_align), so they are installed first, pinned together.
@@ -20,7 +21,7 @@ else
 fi
 # shellcheck disable=SC2086
 python -m pip install -q ${TORCH_SPEC:-$default_torch}
-python -m pip install -q -e ".[dev,deploy]"
+python -m pip install -q -e ".[dev,deploy,review]"
 # Meta's reference implementation, for parity tests only: its evaluator file is read directly, and
 # tests/test_meta_parity.py builds its image model on the CPU. --no-deps because its pins (numpy<2.4,
 # tqdm<4.68, ...) conflict with ours; what its model code imports (timm, iopath, einops, psutil) is in

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -64,22 +63,6 @@ def fingerprint(source: str | os.PathLike) -> dict[str, str]:
     return digests
 
 
-def checkpoint_thresholds(source: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Post-processing settings of ``sam3-train predict`` for this source: the run's hyper-parameters
-    for a ``.ckpt``, ``Sam3LitModule``'s defaults otherwise (an HF folder, None)."""
-    from sam3_train.checkpointing import load_checkpoint_file
-    from sam3_train.lit import Sam3LitModule
-
-    defaults = inspect.signature(Sam3LitModule.__init__).parameters
-    values = {"eval_score_threshold": defaults["eval_score_threshold"].default,
-              "max_detections": defaults["max_detections"].default}
-    if source is not None and Path(source).is_file():
-        hparams = load_checkpoint_file(source, mmap=True).get("hyper_parameters", {})  # mmap: no tensor read
-        values.update({k: hparams[k] for k in values if k in hparams})
-    return {"score_threshold": float(values["eval_score_threshold"]), "max_detections": int(values["max_detections"]),
-            "mask_threshold": 0.0}
-
-
 def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, thresholds: dict[str, Any] | None = None,
                   source: dict[str, Any] | None = None, precision: Precision = "float32",
                   verbose: bool = False) -> dict[str, Any]:
@@ -88,6 +71,8 @@ def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, threshol
     (default: ``Sam3LitModule``'s); ``source``: what the detector was loaded from (path, sha256);
     ``precision``: of the graphs' weights, float inputs and outputs (``float16``: parity measured in
     docs/deploy.md, not assumed)."""
+    from sam3_train.loading import checkpoint_thresholds  # lazily: loading imports Lightning (lit)
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     output = Path(output)
@@ -140,7 +125,7 @@ def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, threshol
 def export_source(source: str | os.PathLike, output: str | os.PathLike, *, pretrained: str | None = None,
                   **kwargs: Any) -> dict[str, Any]:
     """Load ``source`` (HF folder or ``.ckpt``, LoRA merged: ``load_detector``) and export it."""
-    from sam3_train.loading import load_detector
+    from sam3_train.loading import checkpoint_thresholds, load_detector
 
     detector = load_detector(source, pretrained=pretrained)
     described = {"path": str(Path(source).resolve()), "sha256": fingerprint(source)}

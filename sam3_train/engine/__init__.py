@@ -17,6 +17,9 @@ One module per concept, in the order a round uses them:
                       verifiers stage, LearnedMaskVerifier / LearnedExhaustivityVerifier for the chain
     pseudo_labels.py  verified candidates -> pseudo-labelled samples -> a rank's shards
     review.py         human review: COCO export of flagged pairs, import of the corrections
+    label_studio/     the same review in a Label Studio server (review.json <-> tasks, the decisions back
+                      as an edited review.json for review.py's import) and a SAM 3 concept ML backend;
+                      needs the ``review`` extra, so nothing here imports it
     training.py       a round's fit and held-out evaluation through Sam3CLI
     manifest.py       the round directory: every file and folder name, stage markers, kill points, the manifest
     rounds.py         Engine: the round loop, stages, resumption
