@@ -112,3 +112,17 @@ def test_lit_module_trains_denoising_queries(shapes_batch):
     assert {"loss_bbox_dn", "loss_giou_dn", "loss_align_dn", "loss_giou_aux0_dn"} <= set(terms)
     terms["loss_giou_dn"].backward()
     assert module.detector.detr_decoder.box_head.layer3.weight.grad.abs().sum() > 0
+
+
+def test_box_refinement_probe_runs(shapes_root, capsys):
+    """benchmarks/probe_box_refinement.py (the docs' refinement table) cannot rot: two steps of it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import probe_box_refinement
+
+    means = probe_box_refinement.main(["--shapes-root", shapes_root, "--steps", "2", "--every", "1", "--fixed-batch"])
+    assert len(means) == 2 and all(0 < m < 2 for m in means)
+    out = capsys.readouterr().out
+    assert "zero refinement" in out and "step 2: loss_giou_dn" in out
