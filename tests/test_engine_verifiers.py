@@ -7,6 +7,7 @@ import torch
 from conftest import EngineFrame
 
 from sam3_train.engine import (
+    BoxMaskVerifier,
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
     HardNegativeMiner,
@@ -55,6 +56,20 @@ def test_stability_rejects_masks_that_move_with_the_threshold():
                   tight=[core, core, empty])
     assert StabilityVerifier(min_iou=0.8)(c).keep.tolist() == [False, True, False]
     assert StabilityVerifier(min_iou=0.6)(c).keep.tolist() == [True, True, False]
+
+
+def test_box_mask_verifier_rejects_boxes_away_from_their_own_mask():
+    mask = box_mask(0, 0, 4, 4)  # 16 px, tight box (0, 0, 4, 4)
+    empty = torch.zeros(H, W, dtype=torch.bool)
+    c = candidate([0.9, 0.9, 0.9, 0.9], [mask, mask, mask, empty])
+    c.boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0],     # the mask's own box: IoU 1
+                            [2.0, 0.0, 6.0, 4.0],     # shifted by half: 8 / 24 = 0.33
+                            [0.0, 0.0, 4.0, 8.0],     # twice as tall: 16 / 32 = 0.5
+                            [0.0, 0.0, 4.0, 4.0]])    # an empty mask: nothing to agree with
+    assert BoxMaskVerifier(min_iou=0.5)(c).keep.tolist() == [True, False, True, False]
+    assert BoxMaskVerifier(min_iou=0.3)(c).keep.tolist() == [True, True, True, False]
+    none = candidate([], [])
+    assert BoxMaskVerifier()(none).keep.shape == (0,)
 
 
 def test_flip_consistency_rejects_masks_the_flipped_run_disagrees_with():

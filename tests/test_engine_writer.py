@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import write_shards
 from PIL import Image
 
@@ -118,7 +119,9 @@ def test_shards_read_back_equal_the_verified_candidates(written):
                 continue
             assert q["exhaustive"] == v.exhaustive
             assert torch.equal(masks[q["instances"]], expected)  # bit-exact masks
-            assert torch.equal(target["boxes"][q["instances"]], torch.tensor([[1.0, 2.0, 18.5, 19.25]]).repeat(len(expected), 1))
+            # The written box is the mask's tight box (whole pixels), not the model's [1, 2, 18.5, 19.25].
+            tight = torchvision.ops.masks_to_boxes(expected) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+            assert torch.equal(target["boxes"][q["instances"]], tight)
     raw = {key: meta for key, _, ext, meta in read_samples(urls)}  # the round's metas, for review import
     assert sorted(raw) == sorted(read) and all(m["source"] == {"dataset": "pool", "index": m["image_id"]} for m in raw.values())
     counts = manifest["counts"]

@@ -45,6 +45,7 @@ from sam3_train.engine.pseudo_labels import RoundWriter, pseudo_sample
 from sam3_train.engine.review import export_review, import_review
 from sam3_train.engine.sources import read_samples
 from sam3_train.engine.verifiers import (
+    BoxMaskVerifier,
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
     HardNegativeMiner,
@@ -57,6 +58,7 @@ from sam3_train.engine.verifiers import (
 )
 
 __all__ = [
+    "BoxMaskVerifier",
     "Candidate",
     "ExhaustivityVerifier",
     "FlipConsistencyVerifier",

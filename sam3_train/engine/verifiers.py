@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
 from sam3_train.data.decode import decode_image
 from sam3_train.engine.candidates import Candidate
@@ -97,6 +98,29 @@ class StabilityVerifier(Verifier):
 
     def __call__(self, candidate: Candidate) -> Verdict:
         return Verdict(keep=rowwise_mask_iou(candidate.masks_tight, candidate.masks_loose) >= self.min_iou)
+
+
+class BoxMaskVerifier(Verifier):
+    """Keeps an instance when the model's box agrees with its own mask: IoU between the box and the
+    mask's tight box at least ``min_iou``. The written pseudo-label always takes the mask's box
+    (pseudo_labels.instance_entry); this check rejects the instances where the two heads disagree,
+    a sign that the query did not pick out one object. Empty masks are rejected."""
+
+    name = "box_mask"
+
+    def __init__(self, *, min_iou: float = 0.5):
+        self.min_iou = float(min_iou)
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        masks = candidate.masks
+        if masks.shape[0] == 0:
+            return Verdict(keep=torch.zeros(0, dtype=torch.bool))
+        nonempty = masks.flatten(1).any(dim=1)
+        # masks_to_boxes gives pixel-centre coordinates (x1 = last column); +1 makes them whole pixels.
+        mask_boxes = torchvision.ops.masks_to_boxes(masks[nonempty].to(torch.uint8)) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        iou = torch.zeros(masks.shape[0])
+        iou[nonempty] = torchvision.ops.box_iou(candidate.boxes[nonempty].float(), mask_boxes).diagonal()
+        return Verdict(keep=iou >= self.min_iou)
 
 
 class FlipConsistencyVerifier(Verifier):
