@@ -48,7 +48,7 @@ from sam3_train.model.presets import preset_config
 from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
-Init = Literal["transformers", "xavier", "meta", "meta_grid"]
+Init = Literal["transformers", "xavier", "meta", "meta_grid", "meta_sincos"]
 _DEFAULT_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding, torch.nn.LayerNorm,
                  torch.nn.GroupNorm)
 
@@ -101,12 +101,14 @@ class Sam3Detector(Sam3Model):
         super().__init__(config)
         if init == "xavier":
             self.reset_linear_layers()
-        elif init in ("meta", "meta_grid"):
+        elif init in ("meta", "meta_grid", "meta_sincos"):
             self.reset_parameters_as_meta()
             if init == "meta_grid":
                 self.place_reference_centres_on_grid()
+            if init == "meta_sincos":
+                self.set_sincos_vit_positions()
         elif init != "transformers":
-            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier', 'meta' or 'meta_grid'.")
+            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier', 'meta', 'meta_grid' or 'meta_sincos'.")
         self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
@@ -174,6 +176,30 @@ class Sam3Detector(Sam3Model):
         cell = torch.arange(queries, device=reference.device)
         centres = torch.stack([(cell % cols + 0.5) / cols, (cell // cols + 0.5) / rows], dim=1)
         reference[:, :2] = torch.logit(centres.to(reference.dtype))
+
+    @torch.no_grad()
+    def set_sincos_vit_positions(self) -> None:
+        """Start the ViT's (learned) absolute position embedding at MAE's 2-D sine-cosine table
+        (temperature 10,000; half the channels encode x, half y) instead of a normal draw of std 0.02.
+
+        A departure from Meta's init, for training from scratch (``init: meta_sincos``): drawn at std
+        0.02 the embedding is small beside the patch embedding (~0.6), and the image features barely
+        know where they are (a linear probe recovers a token's x and y with R^2 0.10 from the ViT's
+        output and 0.2 from the level the DETR encoder reads, against 0.9 from this start;
+        docs/training_shapes.md). A box, or a mask of one instance among several alike, needs that.
+        The embedding stays a trained parameter; a fine-tuned model loads its own.
+        """
+        embedding = self.vision_encoder.backbone.embeddings.position_embeddings  # [1, side * side, C]
+        side, channels = math.isqrt(embedding.shape[1]), embedding.shape[2]
+        if side * side != embedding.shape[1] or channels % 4:
+            raise ValueError(f"sine-cosine positions need a square grid and channels divisible by 4, got "
+                             f"{embedding.shape[1]} tokens x {channels}")
+        omega = 1.0 / 10000 ** (torch.arange(channels // 4, dtype=torch.float64) / (channels // 4))
+        grid = torch.arange(side, dtype=torch.float64)
+        y, x = torch.meshgrid(grid, grid, indexing="ij")
+        phase_x, phase_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+        table = torch.cat([phase_x.sin(), phase_x.cos(), phase_y.sin(), phase_y.cos()], dim=1)
+        embedding.copy_(table.to(embedding.dtype).unsqueeze(0))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the ViT blocks, the DETR encoder and decoder layers and the mask decoder in backward.
