@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -522,3 +523,30 @@ def test_meta_sincos_init_starts_the_vit_positions_at_the_sine_cosine_table_and_
         return float(1 - ((prediction - x) ** 2).sum() / ((x - x.float().mean()) ** 2).sum())
 
     assert position_r2(sincos) > 0.8 and position_r2(meta) < 0.5
+
+
+def test_meta_sincos_local_init_makes_cross_attention_start_near_each_box():
+    """init="meta_sincos_local": meta_sincos plus box RPB MLPs started box-local. For a query box in
+    the middle of the 16 x 16 grid the bias favours the tokens inside it (Meta's draw: uniform), head 1
+    the box's left/top part, head 2 its right/bottom part; every weight but the RPB equals meta_sincos."""
+    torch.manual_seed(0)
+    local = build_detector("tiny", init="meta_sincos_local")
+    torch.manual_seed(0)
+    sincos = build_detector("tiny", init="meta_sincos")
+    theirs = sincos.state_dict()
+    for key, value in local.state_dict().items():
+        if "box_rpb_embed" not in key:
+            torch.testing.assert_close(value, theirs[key], atol=0, rtol=0, msg=key)
+    box = torch.tensor([[[0.5, 0.5, 0.25, 0.25]]])  # xyxy 0.375..0.625; token i sits at i / 16: 6..10 inside
+    with torch.no_grad():
+        bias = local.detr_decoder._get_rpb_matrix(box, (16, 16))[0, :, 0].reshape(-1, 16, 16)  # [heads, y, x]
+        meta_bias = sincos.detr_decoder._get_rpb_matrix(box, (16, 16))[0, :, 0]
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[6:11, 6:11] = True
+    assert (bias[0][inside].min() - bias[0][~inside].max()) > 0  # every inside token above every outside one
+    entropy = lambda b: float(-(b.softmax(-1) * b.log_softmax(-1)).sum(-1).mean() / math.log(b.shape[-1]))  # noqa: E731
+    # 25 of 256 tokens in the box: a uniform look at them alone has entropy log 25 / log 256 = 0.58
+    assert entropy(bias.flatten(1)) < 0.7 < 0.99 < entropy(meta_bias)
+    box_part = bias[:, 6:11, 6:11]  # [heads, 5, 5]
+    assert box_part[1, :2, :2].mean() > box_part[1, 2:, 2:].mean()  # head 1: the top-left part
+    assert box_part[2, 2:, 2:].mean() > box_part[2, :2, :2].mean()  # head 2: the bottom-right part

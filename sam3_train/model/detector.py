@@ -48,7 +48,7 @@ from sam3_train.model.presets import preset_config
 from sam3_train.data.tokenizer import Sam3Tokenizer
 
 
-Init = Literal["transformers", "xavier", "meta", "meta_grid", "meta_sincos"]
+Init = Literal["transformers", "xavier", "meta", "meta_grid", "meta_sincos", "meta_sincos_local"]
 _DEFAULT_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding, torch.nn.LayerNorm,
                  torch.nn.GroupNorm)
 
@@ -101,14 +101,17 @@ class Sam3Detector(Sam3Model):
         super().__init__(config)
         if init == "xavier":
             self.reset_linear_layers()
-        elif init in ("meta", "meta_grid", "meta_sincos"):
+        elif init in ("meta", "meta_grid", "meta_sincos", "meta_sincos_local"):
             self.reset_parameters_as_meta()
             if init == "meta_grid":
                 self.place_reference_centres_on_grid()
-            if init == "meta_sincos":
+            if init in ("meta_sincos", "meta_sincos_local"):
                 self.set_sincos_vit_positions()
+            if init == "meta_sincos_local":
+                self.start_box_rpb_local()
         elif init != "transformers":
-            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier', 'meta', 'meta_grid' or 'meta_sincos'.")
+            raise ValueError(f"Unknown init {init!r}: 'transformers', 'xavier', 'meta', 'meta_grid', 'meta_sincos' "
+                             "or 'meta_sincos_local'.")
         self.freeze_unused_parameters()
         self.dac = dac
         self.encode_empty_geometry = encode_empty_geometry
@@ -200,6 +203,37 @@ class Sam3Detector(Sam3Model):
         phase_x, phase_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
         table = torch.cat([phase_x.sin(), phase_x.cos(), phase_y.sin(), phase_y.cos()], dim=1)
         embedding.copy_(table.to(embedding.dtype).unsqueeze(0))
+
+    @torch.no_grad()
+    def start_box_rpb_local(self, *, outside: float = 12.0, half: float = 3.0) -> None:
+        """Start the decoder's box relative-position bias (the two MLPs that map a token's log-scaled
+        distances to a query box's edges, per axis, to one bias per head) so that cross-attention looks
+        near each query's box: every head gets ``-outside`` per log-unit a token lies outside the box,
+        head 1 also ``+half`` per log-unit towards the box's low edge (left / top part), head 2 towards
+        its high edge (right / bottom part), so two heads read different halves of the box. Four of the
+        first layer's hidden units are set (the other units and biases keep Meta's draw, with zero output
+        weights for the four).
+
+        A departure from Meta's init, for training from scratch (part of ``init: meta_sincos_local``):
+        drawn as Meta does, the bias varies by ~0.4 across the image, so cross-attention starts uniform
+        (normalised entropy 0.999) and every query reads the same average whatever its box; on synthetic
+        memory the decoder then learns to refine a box several times more slowly (docs/training_shapes.md).
+        """
+        # Input per axis: (token - low edge, token - high edge), log-scaled; inside the box d_low > 0 > d_high.
+        units = torch.tensor([[-1.0, 0.0],   # relu(-d_low): how far before the low edge (outside)
+                              [0.0, 1.0],    # relu(d_high): how far past the high edge (outside)
+                              [0.0, -1.0],   # relu(-d_high): how far before the high edge (the low part)
+                              [1.0, 0.0]])   # relu(d_low): how far past the low edge (the high part)
+        for mlp in (self.detr_decoder.box_rpb_embed_x, self.detr_decoder.box_rpb_embed_y):
+            first, second = mlp.layer1, mlp.layer2
+            first.weight[:4] = units.to(first.weight.dtype)
+            first.bias[:4] = 0.0
+            second.weight[:, :4] = 0.0
+            second.weight[:, :2] = -outside
+            second.bias.zero_()
+            if second.weight.shape[0] >= 3:
+                second.weight[1, 2] = half
+                second.weight[2, 3] = half
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the ViT blocks, the DETR encoder and decoder layers and the mask decoder in backward.
