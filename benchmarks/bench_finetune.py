@@ -1,6 +1,6 @@
 """Fine-tuning on a shifted domain, measured: zero-shot -> fine-tuned on it, and what the base domain keeps.
 
-    python benchmarks/bench_finetune.py --out /work/ft-runs                  # issue 23's table (~1.5 h at 1 thread)
+    python benchmarks/bench_finetune.py --out /work/ft-runs                  # docs/finetuning.md's table (~1 h at 1 thread, base aside)
     python benchmarks/bench_finetune.py --out runs/ft --methods lora --mix none --seeds 0 --steps 20   # a quick look
     python benchmarks/bench_finetune.py --out runs/ft --dry-run              # the data, configs and commands only
 
@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="a base .ckpt or HF folder instead of training OUT/base")
     p.add_argument("--base-steps", type=int, default=3000, help="steps of the base run (the recipe's 3,000)")
     p.add_argument("--base-splits", default=None, help="JSON {split: images} of the base shapes data (default 2000/200/200)")
-    p.add_argument("--steps", type=int, default=300, help="steps of each fine-tune")
+    p.add_argument("--steps", type=int, default=200, help="steps of each fine-tune")
     p.add_argument("--val-every", type=int, default=100, help="steps between validations")
-    p.add_argument("--val-images", type=int, default=100, help="images of each validation set")
+    p.add_argument("--val-images", type=int, default=48, help="images of each validation set")
     p.add_argument("--shots", type=int, default=10, help="K images per kind")
     p.add_argument("--pool", type=int, default=2000, help="shifted training images the K-shot cut draws from")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
