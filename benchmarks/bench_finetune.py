@@ -80,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_command(out: Path, *, steps: int, splits: dict[str, int] | None) -> list[str]:
-    """The main job's recipe, as is, into ``out/base`` on the shapes data under ``out/shapes``."""
-    cmd = [sys.executable, "-m", "sam3_train.console", "fit", "--config", str(REPO / "configs" / "shapes_tiny.yaml"),
-           f"--trainer.default_root_dir={out / 'base'}", f"--data.shapes_root={out / 'shapes'}",
-           f"--trainer.max_steps={steps}"]
+    """The main job's recipe, as is, into ``out/base`` on the shapes data under ``out/shapes``. A copy of
+    shapes_tiny.yaml with every output path under ``out/base`` (``redirect_outputs``): a command-line
+    ``--trainer.default_root_dir`` does not reach the file's ``${trainer.default_root_dir}`` paths."""
+    cfg = redirect_outputs(yaml.safe_load((REPO / "configs" / "shapes_tiny.yaml").read_text()), out / "base")
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    copy = out / "base" / "shapes_tiny.yaml"
+    copy.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "sam3_train.console", "fit", "--config", str(copy),
+           f"--data.shapes_root={out / 'shapes'}", f"--trainer.max_steps={steps}"]
     return cmd + ([f"--data.shapes_splits={json.dumps(splits)}"] if splits else [])
 
 

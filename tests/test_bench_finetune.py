@@ -99,3 +99,16 @@ def test_smallest_benchmark_runs_end_to_end(base_folder, tmp_path, monkeypatch):
     assert "train/source_share/base" in csv  # the 1:1 mix trained on both sources
     # A rerun reuses the finished run (nothing is fitted again) and reports the same figures.
     assert bench_finetune.main(argv) == 0 and json.loads(results.read_text())["runs"] == report["runs"]
+
+
+def test_the_base_run_writes_every_output_under_its_folder(tmp_path):
+    """A ``--trainer.default_root_dir`` override would not reach shapes_tiny.yaml's ``${...}`` paths: the
+    base run's config copy names them all under ``OUT/base``, and the recipe is otherwise the file's."""
+    command = bench_finetune.base_command(tmp_path, steps=7, splits={"train": 16})
+    cfg = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
+    recipe = yaml.safe_load((REPO / "configs" / "shapes_tiny.yaml").read_text())
+    paths = [cfg["trainer"]["default_root_dir"]] + [c["init_args"].get("save_dir") for c in cfg["trainer"]["logger"]] + [
+        c["init_args"].get("dirpath") for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(paths) == 4 and all(str(p).startswith(str(tmp_path / "base")) for p in paths)
+    assert cfg["model"] == recipe["model"] and "--trainer.max_steps=7" in command
+    assert f"--data.shapes_root={tmp_path / 'shapes'}" in command
