@@ -24,7 +24,8 @@
 4. ``--results`` (benchmarks/results/finetune.json): every run (shifted cgF1 zero-shot -> best -> last,
    base cgF1 before -> at the kept checkpoint -> after, steps, wall seconds) and per method x mixing
    the mean and sample standard deviation over seeds; the table is printed. Finished runs are reused.
-   Arguments after ``--`` go to every fine-tune's ``sam3-train fit``. Run with OMP_NUM_THREADS=1.
+   Arguments after ``--`` go to every fine-tune's ``sam3-train fit``; ``--no-run`` reports the finished
+   runs of an interrupted benchmark without starting the others. Run with OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", nargs="+", choices=MIXES, default=list(MIXES))
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "finetune.json"))
     p.add_argument("--dry-run", action="store_true", help="build the data and configs, print the commands, run nothing")
+    p.add_argument("--no-run", action="store_true", help="report the finished runs only (an interrupted benchmark)")
     return p
 
 
@@ -109,7 +111,7 @@ def ensure_base(args: argparse.Namespace, out: Path) -> Path:
         splits = json.loads(args.base_splits) if args.base_splits else None
         cmd = base_command(out, steps=args.base_steps, splits=splits)
         print(" ".join(cmd[1:]), flush=True)
-        if args.dry_run:
+        if args.dry_run or args.no_run:
             return hf
         if subprocess.run(cmd, check=False).returncode != 0 or checkpoint_step(source) != args.base_steps:
             raise SystemExit(f"bench_finetune: the base run did not reach step {args.base_steps} ({out / 'base'})")
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             for mix in args.mix:
                 run_dir = out / "runs" / f"{method}-{mix.replace(':', 'to')}-seed{seed}"
                 summary, timing = run_dir / SUMMARY_FILE, run_dir / "wall_s.json"
+                if not summary.is_file() and args.no_run:
+                    print(f"{run_dir.name}: not run (--no-run)", flush=True)
+                    continue
                 if not summary.is_file():
                     run_dir.mkdir(parents=True, exist_ok=True)
                     cfg = fit_config(run_dir, method=method, mix=mix, seed=seed, pretrained=pretrained,

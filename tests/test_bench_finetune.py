@@ -97,8 +97,13 @@ def test_smallest_benchmark_runs_end_to_end(base_folder, tmp_path, monkeypatch):
     assert run["steps"] == 2 and run["wall_s"] > 0 and report["rows"][0]["method"] == "lora"
     csv = (out / "runs" / "lora-1to1-seed0" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/source_share/base" in csv  # the 1:1 mix trained on both sources
-    # A rerun reuses the finished run (nothing is fitted again) and reports the same figures.
+    # A rerun reuses the finished run (nothing is fitted again) and reports the same figures; --no-run
+    # reports an interrupted benchmark: seed 1 is neither run nor reported.
     assert bench_finetune.main(argv) == 0 and json.loads(results.read_text())["runs"] == report["runs"]
+    cut = argv.index("--")
+    assert bench_finetune.main([*argv[:cut], "--seeds", "0", "1", "--no-run", *argv[cut:]]) == 0
+    assert json.loads(results.read_text())["runs"] == report["runs"]
+    assert not (out / "runs" / "lora-1to1-seed1").exists()
 
 
 def test_the_base_run_writes_every_output_under_its_folder(tmp_path):
