@@ -189,7 +189,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: cgF1 mean +- sd over seeds."""
-    cell = lambda r, k: f"{r[k]['mean']:.1f} ± {r[k]['sd']:.1f}" if k in r else "-"  # noqa: E731
+    cell = lambda r, k: f"{r[k]['mean']:.2f} ± {r[k]['sd']:.2f}" if k in r else "-"  # noqa: E731
     lines = ["| method | mixing | shifted zero-shot | shifted best | shifted last | base before | base at best | "
              "base after | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

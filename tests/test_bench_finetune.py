@@ -78,7 +78,7 @@ def test_aggregate_gives_mean_and_sample_spread_over_seeds():
     assert rows[0]["shifted_best"]["mean"] == pytest.approx(25.0)
     assert rows[0]["shifted_best"]["sd"] == pytest.approx(statistics.stdev([20.0, 24.0, 31.0]))
     assert rows[0]["base_after"]["mean"] == pytest.approx(33.0) and rows[0]["shifted_zero_shot"]["sd"] == 0.0
-    assert "| lora | 1:1 | 5.0 ± 0.0 | 25.0 ± 5.6 |" in bench_finetune.table(rows)
+    assert "| lora | 1:1 | 5.00 ± 0.00 | 25.00 ± 5.57 |" in bench_finetune.table(rows)
 
 
 @pytest.mark.slow
