@@ -17,7 +17,9 @@ from sam3_train.data.datamodule import Sam3DataModule
 from sam3_train.data.decode import build_target
 from sam3_train.data.phrases import select_queries, swap_left_right
 from sam3_train.data.schema import SampleError, is_negative, is_unlabelled, make_key, validate_meta
-from sam3_train.data.shapes import COLOURS, KINDS, SIZES, ensure_shapes_shards, generate_scene
+from sam3_train.data.shapes import (COLOURS, KINDS, SHIFTED_KINDS, SIZES, domain_vocabulary, ensure_shapes_shards,
+                                    generate_scene, kshot_indices, write_kshot_split)
+from sam3_train.data.shards import expand_urls
 from sam3_train.data.transforms import ColorJitter, ResizePad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +48,12 @@ def test_generator_is_deterministic_per_seed():
     assert not np.array_equal(a_img, c_img)
 
 
-def test_masks_match_boxes_respect_occlusion_and_negatives_are_absent():
+@pytest.mark.parametrize("domain", ["base", "shifted"])
+def test_masks_match_boxes_respect_occlusion_and_negatives_are_absent(domain):
+    _, colours, _ = domain_vocabulary(domain)
     hard_seen = 0
     for index in range(40):
-        image, meta = generate_scene(11, index, image_size=128)
+        image, meta = generate_scene(11, index, image_size=128, domain=domain)
         validate_meta(meta)
         triples = _triples(meta)
         instances = {}
@@ -73,8 +77,68 @@ def test_masks_match_boxes_respect_occlusion_and_negatives_are_absent():
         for counts, mask in instances.items():  # a visible mask has the colour its phrase names
             phrase = next(q["phrase"] for q in meta["queries"] if len(q["phrase"].split()) == 3
                           and any(i["rle"]["counts"] == counts for i in q["instances"]))
-            assert np.abs(image[mask].astype(int) - COLOURS[phrase.split()[1]]).max() <= 1
+            assert np.abs(image[mask].astype(int) - colours[phrase.split()[1]]).max() <= 1
     assert hard_seen > 40
+
+
+def test_shifted_domain_is_deterministic_per_seed_and_differs_from_the_base():
+    a_img, a_meta = generate_scene(7, 3, image_size=96, domain="shifted")
+    b_img, b_meta = generate_scene(7, 3, image_size=96, domain="shifted")
+    base_img, base_meta = generate_scene(7, 3, image_size=96)
+    assert np.array_equal(a_img, b_img) and a_meta == b_meta
+    assert not np.array_equal(a_img, generate_scene(8, 3, image_size=96, domain="shifted")[0])
+    assert not np.array_equal(a_img, base_img) and a_meta["image_id"] != base_meta["image_id"]
+    assert a_meta["source"]["domain"] == "shifted" and "domain" not in base_meta["source"]
+    # New concepts: over a few scenes every new kind and colour shows up, positive and as an easy negative.
+    phrases = {q["phrase"] for i in range(30) for q in generate_scene(7, i, image_size=96, domain="shifted")[1]["queries"]}
+    new_kinds, new_colours = set(SHIFTED_KINDS) - set(KINDS), set(domain_vocabulary("shifted")[1]) - set(COLOURS)
+    assert new_kinds <= phrases and all(any(p.startswith(f"{c} ") for p in phrases) for c in new_colours)
+    base_phrases = {q["phrase"] for i in range(30) for q in generate_scene(7, i, image_size=96)[1]["queries"]}
+    assert not any(word in p.split() for p in base_phrases for word in new_kinds | new_colours)
+    # The appearance shift: the base backgrounds are low-saturation, the shifted ones mostly are not.
+    def saturation(img):
+        return float(np.median(img.max(-1).astype(int) - img.min(-1)))
+    base_sat = [saturation(generate_scene(5, i, image_size=64)[0]) for i in range(20)]
+    shifted_sat = [saturation(generate_scene(5, i, image_size=64, domain="shifted")[0]) for i in range(20)]
+    assert np.median(shifted_sat) > 2 * np.median(base_sat)
+
+
+def test_shifted_splits_have_their_own_folder_and_seeds(tmp_path):
+    base = ensure_shapes_shards(tmp_path, splits={"val": 8}, image_size=64)
+    shifted = ensure_shapes_shards(tmp_path, splits={"val": 8}, image_size=64, domain="shifted")
+    assert shifted["val"].startswith(str(tmp_path / "shards" / "shifted" / "val" / ""))
+    assert ensure_shapes_shards(tmp_path, splits={"val": 8}, image_size=64) == base  # the base cache is kept
+    manifest = json.loads((tmp_path / "shards" / "shifted" / "val" / "manifest.json").read_text())
+    assert manifest["params"]["domain"] == "shifted" and manifest["params"]["seed"] == domain_vocabulary("shifted")[2]["val"]
+    with pytest.raises(ValueError, match="unknown shapes domain"):
+        ensure_shapes_shards(tmp_path, splits={"val": 8}, domain="night")
+
+
+def test_kshot_cut_of_the_shifted_domain_has_k_images_per_kind_and_is_reproducible(tmp_path):
+    shots, pool = 2, 40
+    kept, info = kshot_indices(domain="shifted", shots=shots, seed=0, pool=pool, image_size=64)
+    assert kshot_indices(domain="shifted", shots=shots, seed=0, pool=pool, image_size=64) == (kept, info)
+    assert kshot_indices(domain="shifted", shots=shots, seed=1, pool=pool, image_size=64)[0] != kept
+    # K images per kind (every kind is common enough in 40 scenes), counted from the scenes themselves.
+    seed = domain_vocabulary("shifted")[2]["train"]
+    per_kind = {k: 0 for k in SHIFTED_KINDS}
+    for i in kept:
+        for q in generate_scene(seed, i, image_size=64, domain="shifted")[1]["queries"]:
+            if q["phrase"] in per_kind and q["instances"]:
+                per_kind[q["phrase"]] += 1
+    assert per_kind == info["images_per_kind"] and min(per_kind.values()) >= shots
+    assert len(kept) < pool and info["protocol"].startswith("K images per category")
+    pattern = write_kshot_split(tmp_path / "k2", domain="shifted", shots=shots, seed=0, pool=pool, image_size=64)
+    assert write_kshot_split(tmp_path / "k2", domain="shifted", shots=shots, seed=0, pool=pool, image_size=64) == pattern
+    manifest = json.loads((tmp_path / "k2" / "manifest.json").read_text())
+    assert manifest["indices"] == kept and len(expand_urls(pattern)) == min(8, len(kept))
+    import tarfile
+
+    ids = []
+    for url in expand_urls(pattern):
+        with tarfile.open(url) as tar:
+            ids += [json.load(tar.extractfile(m))["image_id"] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert ids == [f"shapes-shifted-{seed}-{i}" for i in kept]  # the kept scenes, in order, nothing else
 
 
 def test_vocabulary_file_lists_every_phrase():
