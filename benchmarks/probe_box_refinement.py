@@ -14,6 +14,7 @@ Prints the mean ``loss_giou_dn`` of the last layer and the first every ``--every
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -44,6 +45,8 @@ def zero_refinement_loss(datamodule: Sam3DataModule, settings: DenoisingSettings
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes-root", default="datasets/shapes")
+    parser.add_argument("--shapes-splits", default=None, help='JSON split sizes, e.g. \'{"train": 64, "val": 16, "test": 16}\' '
+                        "(default: the built-in dataset's)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--clip", type=float, default=0.0, help="gradient norm clip (SAM 3: 0.1); 0: none")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         model_overrides={"num_queries": 20, "dropout": 0.0, "vision_config": {"scale_factors": [2.0, 1.0, 0.5]}},
         criterion=Sam3Criterion(num_points=1024, align_min_target=1.0),
     )
-    datamodule = Sam3DataModule(shapes_root=args.shapes_root, image_size=224, batch_size=4, max_phrases_per_image=6,
+    splits = json.loads(args.shapes_splits) if args.shapes_splits else None
+    datamodule = Sam3DataModule(shapes_root=args.shapes_root, shapes_splits=splits, image_size=224, batch_size=4, max_phrases_per_image=6,
                                 negative_share=0.0, num_workers=0, steps_per_epoch=max(args.steps, 20), seed=args.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")

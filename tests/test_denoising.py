@@ -3,6 +3,8 @@ assignment, their isolation from SAM 3's own queries, and their loss terms."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,7 +124,10 @@ def test_box_refinement_probe_runs(shapes_root, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import probe_box_refinement
 
-    means = probe_box_refinement.main(["--shapes-root", shapes_root, "--steps", "2", "--every", "1", "--fixed-batch"])
+    from conftest import SHAPES_SPLITS
+
+    means = probe_box_refinement.main(["--shapes-root", shapes_root, "--shapes-splits", json.dumps(SHAPES_SPLITS),
+                                       "--steps", "2", "--every", "1", "--fixed-batch"])
     assert len(means) == 2 and all(0 < m < 2 for m in means)
     out = capsys.readouterr().out
     assert "zero refinement" in out and "step 2: loss_giou_dn" in out
