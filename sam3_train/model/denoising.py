@@ -78,7 +78,7 @@ class DenoisingQueries:
 def noise_boxes(boxes: torch.Tensor, scale: torch.Tensor, box_noise: float) -> torch.Tensor:
     """Move each xyxy corner of ``boxes`` [..., 4] (cxcywh) by ``scale`` [..., 4] (signed) x
     ``box_noise`` x its half side; clip to the image and keep a positive size. Returns cxcywh."""
-    half = boxes[..., 2:].repeat_interleave(2, dim=-1)[..., [0, 2, 1, 3]] / 2  # (w/2, h/2, w/2, h/2)
+    half = boxes[..., 2:].repeat(*([1] * (boxes.dim() - 1)), 2) / 2  # (w/2, h/2, w/2, h/2)
     xyxy = (cxcywh_to_xyxy(boxes) + scale * box_noise * half).clamp(0.0, 1.0)
     minimum = 1e-3
     x0, y0 = torch.minimum(xyxy[..., 0], xyxy[..., 2]), torch.minimum(xyxy[..., 1], xyxy[..., 3])
