@@ -81,14 +81,8 @@ def instance_entry(candidate: Candidate, index: int) -> dict[str, Any] | None:
     mask = candidate.masks[index].numpy()
     if not mask.any():
         return None
-    return {"box": mask_box_xywh(mask), "rle": rle_ops.encode(mask.astype(np.uint8))}
-
-
-def mask_box_xywh(mask: np.ndarray) -> list[float]:
-    """The tight box of a non-empty [H, W] bool mask as xywh pixels, covering whole pixels."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    x0, y0 = float(cols[0]), float(rows[0])
-    return [x0, y0, float(cols[-1] + 1) - x0, float(rows[-1] + 1) - y0]
+    rle = rle_ops.encode(mask.astype(np.uint8))
+    return {"box": rle_ops.to_xywh(rle), "rle": rle}
 
 
 def pseudo_sample(

@@ -10,8 +10,8 @@ goes through the one import path the COCO round trip uses:
   - a brush region is a label unless its per-region ``status`` choice is ``rejected``; a deleted
     region is a removed label; a region's brush label is its phrase;
   - a region whose mask is pixel-equal to an exported annotation's keeps that annotation's
-    segmentation and box (the box is the detector's, not the mask's tight box), so an unedited
-    task imports as no change; an edited or added mask gets its mask's tight box;
+    segmentation and box (as exported), so an unedited task imports as no change; an edited or
+    added mask gets its mask's tight box;
   - the task's ``exhaustive`` choice sets the pair's exhaustivity (absent: the exported value).
 
 Masks travel as Label Studio's brush RLE (its own format: run-length bits of an RGBA image),
