@@ -89,6 +89,22 @@ def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, count
     return row
 
 
+def detection_differences(a: dict, b: dict) -> tuple[float, float, bool]:
+    """The largest score and box differences between two paths' detections of one pair (same count),
+    each detection of ``a`` compared with its partner in ``b`` under a one-to-one assignment (scipy's
+    Hungarian solver on box plus score distance), and whether that partner sits at another rank.
+    Detections are sorted by score: two scores a few 1e-7 apart may swap ranks between the paths, and
+    comparing by rank would then set one detection's box against its neighbour's."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = (a["boxes"][:, None] - b["boxes"][None]).abs().amax(-1) + (a["scores"][:, None] - b["scores"][None]).abs()
+    rows, cols = linear_sum_assignment(cost.double().numpy())
+    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+    score_diff = float((a["scores"][rows] - b["scores"][cols]).abs().max())
+    box_diff = float((a["boxes"][rows] - b["boxes"][cols]).abs().max())
+    return score_diff, box_diff, bool((rows != cols).any())
+
+
 def cgf1_parity(ckpt: str, shards: str, *, threads: int, folder: Path, batch_size: int = 8) -> dict:
     """Both paths over every image and phrase of ``shards``, scored as validation scores (Sam3LitModule._evaluate)."""
     from sam3_train.data import Sam3DataModule
@@ -106,7 +122,7 @@ def cgf1_parity(ckpt: str, shards: str, *, threads: int, folder: Path, batch_siz
     data.setup("predict")
     metrics = {"torch": CGF1(iou_types=("segm",)), "onnx": CGF1(iou_types=("segm",))}
     counts = {"pairs": 0, "torch_detections": 0, "onnx_detections": 0, "same_count_pairs": 0,
-              "max_score_diff": 0.0, "max_box_diff_px": 0.0}
+              "max_score_diff": 0.0, "max_box_diff_px": 0.0, "reordered_pairs": 0}
     for batch in data.predict_dataloader():
         with torch.no_grad():
             outputs = {"torch": detector(batch), "onnx": runtime(batch)}
@@ -122,10 +138,10 @@ def cgf1_parity(ckpt: str, shards: str, *, threads: int, folder: Path, batch_siz
             if len(a["scores"]) == len(b["scores"]):
                 counts["same_count_pairs"] += 1
                 if len(a["scores"]):
-                    score_diff = float((a["scores"] - b["scores"]).abs().max())
-                    box_diff = float((a["boxes"] - b["boxes"]).abs().max())
+                    score_diff, box_diff, reordered = detection_differences(a, b)
                     counts["max_score_diff"] = max(counts["max_score_diff"], score_diff)
                     counts["max_box_diff_px"] = max(counts["max_box_diff_px"], box_diff)
+                    counts["reordered_pairs"] += int(reordered)
     scores = {side: {k: float(v) for k, v in m.compute().items() if k in ("cgF1", "pmF1", "IL_MCC")}
               for side, m in metrics.items()}
     return {"ckpt": ckpt, "shards": shards, **counts, "metrics": scores}

@@ -325,3 +325,21 @@ def test_lora_fit_exports_and_predict_onnx_writes_what_predict_writes(shapes_roo
     assert [(r["image_id"], r["phrase"]) for r in coco[0]] == [(r["image_id"], r["phrase"]) for r in coco[1]]
     overlays = [sorted(p.name for p in (tmp_path / side / "overlays").iterdir()) for side in ("torch", "onnx")]
     assert overlays[0] == overlays[1] and len(overlays[0]) == 32
+
+
+def test_parity_benchmark_compares_detections_not_ranks():
+    """benchmarks/bench_deploy.py's parity: two scores 1e-7 apart may swap ranks between the paths; the
+    box difference is then the partners' (0.5 px here), not the neighbours' (~100 px), and the swap counts."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_deploy import detection_differences
+
+    a = {"scores": torch.tensor([0.9, 0.8000001, 0.8]),
+         "boxes": torch.tensor([[0.0, 0, 10, 10], [100, 100, 150, 150], [5, 5, 20, 20]])}
+    b = {"scores": torch.tensor([0.9, 0.8000001, 0.8]),  # the two near-ties in the other order
+         "boxes": torch.tensor([[0.0, 0, 10, 10.5], [5, 5, 20, 20], [100, 100, 150, 150]])}
+    score_diff, box_diff, reordered = detection_differences(a, b)
+    assert box_diff == pytest.approx(0.5) and reordered
+    assert score_diff == pytest.approx(1e-7, abs=2e-7)
+    assert detection_differences(a, a) == (0.0, 0.0, False)
