@@ -30,7 +30,7 @@ from sam3_train.dist import env_without_dist
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Overlays go on top of a base file (`--config base.yaml --config overlay.yaml`) and are tested so.
-OVERLAYS = {"sam3_lora": "sam3_finetune", "shapes_localise": "shapes_tiny"}
+OVERLAYS = {"sam3_lora": "sam3_finetune"}
 SAM3_TRAIN = Path(sys.executable).with_name("sam3-train")
 # pycocotools under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
