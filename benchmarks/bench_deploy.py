@@ -1,7 +1,7 @@
 """ONNX export: its cost, onnxruntime's CPU latency against PyTorch eager, and parity.
 
     python benchmarks/bench_deploy.py                          # tiny + small, random weights
-    python benchmarks/bench_deploy.py --presets sam3 --counts 1 --repeats 1   # 840 M at 1008 px (not run here)
+    python benchmarks/bench_deploy.py --presets sam3 --counts 1 --repeats 1 --precisions float32 --in-place   # 840 M, 1008 px
     python benchmarks/bench_deploy.py --presets --ckpt runs/shapes_tiny/checkpoints/last.ckpt \\
         --shards 'datasets/shapes/shards/test/shapes-{000000..000007}.tar'   # cgF1 of both paths
 
@@ -53,17 +53,17 @@ def slope(counts, seconds) -> float:
 
 
 def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, counts: tuple[int, ...] = COUNTS,
-                 precisions: tuple[str, ...] = ("float32",)) -> dict:
+                 precisions: tuple[str, ...] = ("float32",), in_place: bool = False) -> dict:
     torch.manual_seed(0)
     detector = build_detector(preset).eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (detector.image_size, detector.image_size, 3), dtype=np.uint8)
     row: dict = {"preset": preset, "params_m": sum(p.numel() for p in detector.parameters()) / 1e6,
-                 "image_size": detector.image_size, "torch_s": {}}
+                 "image_size": detector.image_size, "torch_s": {}, "in_place": in_place}
     runtimes = {}
     for precision in precisions:
         start = time.perf_counter()
-        manifest = export_graphs(detector, folder / f"{preset}-{precision}", precision=precision)
+        manifest = export_graphs(detector, folder / f"{preset}-{precision}", precision=precision, in_place=in_place)
         row[f"export_s_{precision}"] = time.perf_counter() - start
         row[f"export_graph_s_{precision}"] = manifest["export_seconds"]
         row[f"peak_rss_gib_after_export_{precision}"] = peak_rss_gib()
@@ -154,6 +154,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="phrases per image to time")
     parser.add_argument("--precisions", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    parser.add_argument("--in-place", action="store_true",
+                        help="export the benchmark's detector itself, not a copy (float32 only): one copy of the "
+                             "weights less at the export's peak; PyTorch then runs with eager attention")
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--shards", default=None)
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
@@ -167,7 +170,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             row = bench_preset(preset, threads=args.threads, repeats=args.repeats, folder=Path(tmp),
-                               counts=tuple(args.counts), precisions=tuple(args.precisions))
+                               counts=tuple(args.counts), precisions=tuple(args.precisions), in_place=args.in_place)
             results["presets"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         if args.ckpt and args.shards:

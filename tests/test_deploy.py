@@ -114,6 +114,27 @@ def test_exportable_copy_detects_as_the_detector_and_leaves_it_alone(detector, o
         exportable_copy(transformers_mode)
 
 
+def test_in_place_export_switches_the_detector_itself_and_keeps_its_outputs(one_thread, tmp_path):
+    """``in_place`` (the released size on a small machine): the same object comes back with the
+    replacements on, and it detects as before; a cast of the caller's detector is refused."""
+    detector = build_detector("tiny").eval()
+    levels, pos = _features(detector, 2)
+    text = torch.randn(2, 32, detector.config.detr_encoder_config.hidden_size)
+    text_mask = torch.arange(32)[None] < torch.tensor([[5], [12]])
+    boxes, labels = _boxes(2, 2)
+    with torch.no_grad():
+        before = detector.detect(levels, pos, text, text_mask, boxes, labels)
+        same = exportable_copy(detector, in_place=True)
+        after = detector.detect(levels, pos, text, text_mask, boxes, labels)
+    assert same is detector and "encode_prompt" in vars(detector)
+    assert detector.config._attn_implementation == "eager"
+    for key in OUTPUTS:
+        torch.testing.assert_close(after[key], before[key], atol=ATOL[key], rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+    with pytest.raises(ValueError, match="in_place export needs a float32 detector and precision float32"):
+        export_graphs(detector, tmp_path / "f16", precision="float16", in_place=True)
+    assert not (tmp_path / "f16").exists()
+
+
 def test_fingerprint_and_thresholds_of_a_checkpoint(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": {"eval_score_threshold": 0.25, "max_detections": 7}, "state_dict": {},

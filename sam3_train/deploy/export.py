@@ -65,19 +65,24 @@ def fingerprint(source: str | os.PathLike) -> dict[str, str]:
 
 def export_graphs(detector: Sam3Detector, output: str | os.PathLike, *, thresholds: dict[str, Any] | None = None,
                   source: dict[str, Any] | None = None, precision: Precision = "float32",
-                  verbose: bool = False) -> dict[str, Any]:
+                  verbose: bool = False, in_place: bool = False) -> dict[str, Any]:
     """Write the three graphs, the tokenizer files and ``deploy.json`` of ``detector`` into ``output``;
     returns the manifest. ``thresholds``: score / mask thresholds and max detections for the predictor
     (default: ``Sam3LitModule``'s); ``source``: what the detector was loaded from (path, sha256);
     ``precision``: of the graphs' weights, float inputs and outputs (``float16``: parity measured in
-    docs/deploy.md, not assumed)."""
+    docs/deploy.md, not assumed); ``in_place``: export ``detector`` itself instead of a copy (float32
+    only; it stays in eval mode with eager attention and the export replacements, which compute the
+    same outputs: one copy of the weights less at the peak)."""
     from sam3_train.loading import checkpoint_thresholds  # lazily: loading imports Lightning (lit)
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if in_place and (precision != "float32" or detector.dtype != torch.float32):
+        raise ValueError(f"in_place export needs a float32 detector and precision float32, got {detector.dtype} "
+                         f"and {precision!r}: the cast would change the caller's detector")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    model = exportable_copy(detector).float()
+    model = exportable_copy(detector, in_place=in_place).float()
     levels = graphs.num_levels(model)
     examples = graphs.example_inputs(model)  # traced in float32, then cast
     model = model.to(PRECISIONS[precision])

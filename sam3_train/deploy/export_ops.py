@@ -72,15 +72,17 @@ def encode_prompt_always_with_geometry(
     return self.append_geometry(text, text_mask, boxes.to(text.dtype), box_labels, image_levels, image_pos)
 
 
-def exportable_copy(detector: Sam3Detector) -> Sam3Detector:
+def exportable_copy(detector: Sam3Detector, *, in_place: bool = False) -> Sam3Detector:
     """A deep copy of ``detector`` in eval mode with the replacements above switched on (the original
-    is left as it is). Raises ValueError for ``encode_empty_geometry=False``."""
+    is left as it is). ``in_place``: switch them on in ``detector`` itself and return it (one copy of
+    the weights less at the export's peak, for the released size on a small machine; the replacements
+    compute what the originals do, tested). Raises ValueError for ``encode_empty_geometry=False``."""
     if not detector.encode_empty_geometry:
         raise ValueError(
             "ONNX export needs encode_empty_geometry=True (the default, Meta's behaviour): with it off the "
             "exemplar encoder runs or not depending on the batch's boxes, which one graph cannot express."
         )
-    copied = copy.deepcopy(detector).eval()
+    copied = detector.eval() if in_place else copy.deepcopy(detector).eval()
     copied.set_attn_implementation("eager")
     copied.encode_prompt = types.MethodType(encode_prompt_always_with_geometry, copied)
     geometry = copied.geometry_encoder
