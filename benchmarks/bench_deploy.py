@@ -53,7 +53,10 @@ def slope(counts, seconds) -> float:
 
 
 def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, counts: tuple[int, ...] = COUNTS,
-                 precisions: tuple[str, ...] = ("float32",), in_place: bool = False) -> dict:
+                 precisions: tuple[str, ...] = ("float32",), in_place: bool = False,
+                 graphs: Path | None = None) -> dict:
+    """``graphs``: a folder this function exported before for the same preset (same seed, so the same
+    weights) with ``<preset>-<precision>`` inside: timed and compared without exporting again."""
     torch.manual_seed(0)
     detector = build_detector(preset).eval()
     rng = np.random.default_rng(0)
@@ -62,12 +65,13 @@ def bench_preset(preset: str, *, threads: int, repeats: int, folder: Path, count
                  "image_size": detector.image_size, "torch_s": {}, "in_place": in_place}
     runtimes = {}
     for precision in precisions:
-        start = time.perf_counter()
-        manifest = export_graphs(detector, folder / f"{preset}-{precision}", precision=precision, in_place=in_place)
-        row[f"export_s_{precision}"] = time.perf_counter() - start
-        row[f"export_graph_s_{precision}"] = manifest["export_seconds"]
-        row[f"peak_rss_gib_after_export_{precision}"] = peak_rss_gib()
-        runtimes[precision] = OnnxDetector(folder / f"{preset}-{precision}", threads=threads)
+        if graphs is None:
+            start = time.perf_counter()
+            manifest = export_graphs(detector, folder / f"{preset}-{precision}", precision=precision, in_place=in_place)
+            row[f"export_s_{precision}"] = time.perf_counter() - start
+            row[f"export_graph_s_{precision}"] = manifest["export_seconds"]
+            row[f"peak_rss_gib_after_export_{precision}"] = peak_rss_gib()
+        runtimes[precision] = OnnxDetector((graphs or folder) / f"{preset}-{precision}", threads=threads)
         row[f"onnx_{precision}_s"] = {}
     runtime = runtimes[precisions[0]]
     for k in counts:
@@ -157,6 +161,10 @@ def main() -> int:
     parser.add_argument("--in-place", action="store_true",
                         help="export the benchmark's detector itself, not a copy (float32 only): one copy of the "
                              "weights less at the export's peak; PyTorch then runs with eager attention")
+    parser.add_argument("--graphs", type=Path, default=None,
+                        help="time and compare graphs exported before into this folder (<preset>-<precision> inside) "
+                             "instead of exporting: export and parity in two processes, each with less at its peak")
+    parser.add_argument("--keep", type=Path, default=None, help="export into this folder and keep it (default: a temporary one)")
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--shards", default=None)
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
@@ -168,9 +176,12 @@ def main() -> int:
                      "presets": [], "parity": None}
     print(f"1024x1024 fp32 matmul: {results['matmul_gflops']:.0f} GFLOP/s; {args.threads} thread(s)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
         for preset in args.presets:
-            row = bench_preset(preset, threads=args.threads, repeats=args.repeats, folder=Path(tmp),
-                               counts=tuple(args.counts), precisions=tuple(args.precisions), in_place=args.in_place)
+            row = bench_preset(preset, threads=args.threads, repeats=args.repeats, folder=args.keep or Path(tmp),
+                               counts=tuple(args.counts), precisions=tuple(args.precisions), in_place=args.in_place,
+                               graphs=args.graphs)
             results["presets"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         if args.ckpt and args.shards:
