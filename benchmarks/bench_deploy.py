@@ -13,8 +13,9 @@ default 1, 2, 4, 8) for PyTorch eager (``Sam3Detector(batch)``, eval, no_grad) a
 phrase" is the least-squares slope over k, "per image" the k = 1 time. The encode-once split shows
 as the slope: an extra phrase costs one text encoding (cacheable) and one per-pair detector run,
 never the vision encoder. Parity: the largest absolute output difference at the largest k. For
-``sam3`` expect the weights (3.4 GB) about three times at the export's peak (the model, its export
-copy, the written graph: an estimate, not measured on this machine).
+``sam3`` on a 16 GB machine export with ``--in-place --keep DIR`` (no copy of the 3.4 GB of weights)
+and compare in a second process with ``--graphs DIR``: each fitted a 16 GiB memory limit
+(docs/deploy.md); in one process the latency step after the export did not.
 
 With ``--ckpt`` and ``--shards``: the checkpoint is exported and both paths predict every image of
 the shards (every phrase), post-processed as validation does; cgF1 (masks) of each and how many
