@@ -136,7 +136,9 @@ def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: P
          "init_args": {"monitor": MONITOR, "mode": "max", "save_top_k": 1, "filename": "best-{step}"}},
         {"class_path": "sam3_train.finetune.ZeroShotBaseline", "init_args": {"monitor": MONITOR, "tolerance": 1.0}},
         {"class_path": "sam3_train.callbacks.RunSummary"}]
-    for key in ("preset", "init", "model_overrides"):  # the sizes come with the pretrained folder
+    # The sizes come with the pretrained folder; the from-scratch departures (the init and the denoising
+    # queries) are not SAM 3's fine-tuning recipe, which the fine-tunes keep.
+    for key in ("preset", "init", "model_overrides", "denoising"):
         model.pop(key, None)
     model.update(pretrained=str(pretrained), lr=FULL_LR, lr_vision=FULL_LR, lr_text=FULL_LR, layer_decay=1.0,
                  warmup_steps=WARMUP_STEPS)
