@@ -2,6 +2,8 @@
 
     python benchmarks/bench_engine.py --jobs 2        # two seeds x two regimes, learned verifiers (~2 h, 2 cores)
     python benchmarks/bench_engine.py --quick         # a handful of steps on a small shapes set: checks it runs
+    python benchmarks/bench_engine.py --regimes transfer --base /work/ft-runs/base/hf --seeds 0 1 2 --rounds 2 --jobs 2
+                                                      # the transfer regime: a pretrained base on a new domain
     python benchmarks/bench_engine.py --chain heuristic --regimes weak --seeds 0 --steps 3000 --rounds 2
                                                       # the first round's demonstration (hand-set checks)
 
@@ -21,11 +23,20 @@ stripped) is the unlabelled pool. Per seed (``seed_everything``; the split is th
   ``engine.checkpoint``: the config's model trained on the same labelled 10% for ``--proposer-steps``
   (once, seed 0, shared by the seeds as one pretrained model is shared by its users). Its students
   train ``--steps`` as everywhere;
-- **full**: a model trained on 100% of the labels, the gap's far end.
+- **full**: a model trained on 100% of the labels, the gap's far end;
+- **transfer** (``--regimes transfer --base HF_FOLDER``): the regime users run, a pretrained model on a
+  new domain. The base (the main job's model: ``benchmarks/bench_finetune.py``'s ``OUT/base/hf``) is
+  fine-tuned with bench_finetune's full fine-tuning recipe on the shifted shapes domain
+  (``--transfer-splits``, generated under the work folder): round 0 on its labelled 10%, every round
+  after on labelled + verified pseudo-labels of the other 90%, each from the base afresh for
+  ``--transfer-steps``; its reference, **transfer-full**, is the base fine-tuned on 100% of the
+  domain's labels, same steps. Evaluated on the domain's test split.
 
 Every student trains from the same initialisation (``fit_from: base``) with the same budget and is
 evaluated on the held-out test split; the gap closed by the last round is (last - student round 0) /
-(full - student round 0), in both regimes against the same student round 0. Per round it reports what
+(full - student round 0), in both from-scratch regimes against the same student round 0; in the
+transfer regime (last - transfer round 0) / (transfer-full - transfer round 0), per seed (the worst seed
+is the aim's figure). Per round it reports what
 the chain kept and rejected, how good the written pseudo-labels are against the pool's withheld labels
 (``audit.pseudo_label_quality``), and both chains' decisions on the same proposals
 (``audit.round_verifier_quality``: the heuristic chain of configs/engine/shapes.yaml and the learned
@@ -57,6 +68,48 @@ QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112
          "data.steps_per_epoch=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
          "trainer.log_every_n_steps=1", "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0",
          "data.max_phrases_per_image=3", "engine.split_shards=4", "engine.num_workers=0", "engine.max_detections=5"]
+
+# The transfer regime's shifted domain: 10% of 2,000 training images labelled (as the from-scratch
+# regimes' base domain), 48 validation images (checkpoint choice is not used: the last weights are
+# evaluated) and the 200-image test split.
+TRANSFER_SPLITS = {"train": 2000, "val": 48, "test": 200}
+
+
+def transfer_config(work: Path, base: Path, *, steps: int, splits: dict[str, int], quick: bool = False) -> str:
+    """configs/shapes_tiny.yaml turned into the full fine-tune of ``base`` on the shifted shapes domain
+    (bench_finetune's recipe: SAM 3's, at a third of the base's learning rate), written to
+    ``work/transfer.yaml``; its data are the domain's shards under ``work/shifted`` (generated once)."""
+    import yaml
+    from bench_finetune import finetune_model
+
+    from sam3_train.data.shapes import ensure_shapes_shards
+
+    shards = ensure_shapes_shards(work / "shifted", splits=splits, domain="shifted")
+    cfg = yaml.safe_load((REPO / "configs" / "shapes_tiny.yaml").read_text())
+    finetune_model(cfg["model"], base)
+    data = cfg["data"]
+    for key in ("shapes_root", "shapes_splits"):
+        data.pop(key, None)
+    data.update(train_shards=shards["train"], val_shards=shards["val"], test_shards=shards["test"],
+                steps_per_epoch=steps)
+    cfg["trainer"].update(max_steps=steps, val_check_interval=steps)
+    if quick:
+        data.update(image_size=112, batch_size=2, eval_batch_size=4, num_workers=0, max_phrases_per_image=3)
+        cfg["trainer"].update(limit_val_batches=1, log_every_n_steps=1)
+    path = work / "transfer.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def quick_base(work: Path) -> Path:
+    """--quick: a random tiny detector at the quick image size as an HF folder, the transfer regime's base."""
+    folder = work / "random_base" / "hf"
+    if not (folder / "config.json").is_file():
+        from sam3_train.model import build_detector
+
+        build_detector("tiny", num_queries=20, image_size=112).save_pretrained(folder)
+    return folder
 
 
 def run_engine(configs: list[str], work_dir: Path, overrides: list[str], *, threads: int | None = None,
@@ -335,12 +388,22 @@ def share_proposer_round(src: Path, dst: Path) -> bool:
 
 
 def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str], regimes: list[str],
-              proposer: Path | None, threads: int | None, first_seed: int) -> None:
+              proposer: Path | None, threads: int | None, first_seed: int,
+              transfer: tuple[list[str], list[str]] | None = None) -> None:
     """Every engine run of one seed (each resumable): the student's rounds, 100% labels, the strong regime
-    (whose round 1 up to the pseudo-labels a later seed takes from ``first_seed``'s run)."""
+    (whose round 1 up to the pseudo-labels a later seed takes from ``first_seed``'s run), and the
+    transfer regime with its 100%-label reference (``transfer``: its configs and overrides)."""
     base = [*overrides, f"seed_everything={seed}"]
     log = work / f"seed-{seed}" / "engine.log"
-    run = lambda name, args: run_engine(configs, work / f"seed-{seed}" / name, args, threads=threads, log=log)  # noqa: E731
+    run = lambda name, args, cfgs=configs: run_engine(cfgs, work / f"seed-{seed}" / name, args,  # noqa: E731
+                                                      threads=threads, log=log)
+    if "transfer" in regimes:
+        configs_t, overrides_t = transfer
+        base_t = [*overrides_t, f"seed_everything={seed}"]
+        run("transfer", base_t, configs_t)
+        run("transfer-full", [*base_t, "engine.labelled_fraction=1.0", "engine.rounds=0"], configs_t)
+        if regimes == ["transfer"]:
+            return
     if "weak" in regimes:
         run("weak", base)
     if "strong" in regimes:
@@ -361,17 +424,26 @@ def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes:
                 audit_images: int | None) -> dict:
     """One seed's runs as far as they got (a missing figure is None)."""
     root = work / f"seed-{seed}"
-    full = read_marker(root / "full" / "round-000", "manifest.json")
-    result = {"seed": seed, "full": {k: full["metrics"].get(k) for k in METRICS} if full else None, "regimes": {}}
+
+    def metrics(name: str) -> dict | None:
+        m = read_marker(root / name / "round-000", "manifest.json")
+        return {k: m["metrics"].get(k) for k in METRICS} if m else None
+
+    result = {"seed": seed, "full": metrics("full") if set(regimes) - {"transfer"} else None, "regimes": {}}
+    if "transfer" in regimes:
+        result["transfer-full"] = metrics("transfer-full")
     runs = {regime: run_report(root / regime, chains, audit_images) for regime in regimes}
-    student0 = cgf1(runs["weak"][0] if runs.get("weak") else None)
-    best = result["full"]["test/cgF1"] if result["full"] else None
     for regime, rows in runs.items():
+        # the gap's two ends: the from-scratch regimes share the student's round 0 and the full model
+        reference = "transfer-full" if regime == "transfer" else "full"
+        student0 = cgf1(rows[0] if regime == "transfer" and rows else (runs["weak"][0] if runs.get("weak") else None))
+        best = result[reference]["test/cgF1"] if result.get(reference) else None
         last = cgf1(rows[-1]) if len(rows) > 1 else None
-        known = None not in (student0, best, last) and best > student0
+        known = None not in (student0, best) and best > student0
+        gaps = [(cgf1(r) - student0) / (best - student0) if known and cgf1(r) is not None else None for r in rows[1:]]
         changes = [cgf1(r) - student0 for r in rows[1:] if cgf1(r) is not None and student0 is not None]
-        result["regimes"][regime] = {"rounds": rows, "gap_recovered": (last - student0) / (best - student0) if known else None,
-                                     "worst_round_change": min(changes, default=None)}
+        result["regimes"][regime] = {"rounds": rows, "gap_recovered": gaps[-1] if gaps and last is not None else None,
+                                     "gap_recovered_by_round": gaps, "worst_round_change": min(changes, default=None)}
     return result
 
 
@@ -385,7 +457,11 @@ def spread(values: list[float | None]) -> dict | None:
 def summary(seeds: list[dict], regimes: list[str]) -> dict:
     """Mean and spread over the seeds of the figures the aims name (over the seeds that have them)."""
     get = lambda obj, *path: None if obj is None else (obj if not path else get(obj.get(path[0]), *path[1:]))  # noqa: E731
-    out = {"full cgF1": spread([get(s, "full", "test/cgF1") for s in seeds])}
+    out = {}
+    if set(regimes) - {"transfer"}:
+        out["full cgF1"] = spread([get(s, "full", "test/cgF1") for s in seeds])
+    if "transfer" in regimes:
+        out["transfer-full cgF1"] = spread([get(s, "transfer-full", "test/cgF1") for s in seeds])
     for regime in regimes:
         runs = [s["regimes"][regime] for s in seeds]
         for i in range(max(len(r["rounds"]) for r in runs)):
@@ -396,6 +472,11 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
             for what in ("precision", "recall"):
                 out[f"{regime} round {i} pseudo-label {what}"] = spread(
                     [get(r, "pseudo_labels", "instances", what) for r in rows])
+            # phrases written as absent (mined hard negatives, and exhaustive pairs the chain kept nothing
+            # of) whose withheld labels have instances
+            out[f"{regime} round {i} absent phrases wrong"] = spread(
+                [None if get(r, "pseudo_labels", "negatives", "accuracy") is None
+                 else 1 - get(r, "pseudo_labels", "negatives", "accuracy") for r in rows])
             chains = sorted({c for r in rows if r for c in r["decisions"]})
             for chain in chains:
                 d = [get(r, "decisions", chain) for r in rows]
@@ -403,6 +484,9 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
                 out[f"{regime} round {i} {chain} MV recall"] = spread([get(x, "mask", "recall") for x in d])
                 out[f"{regime} round {i} {chain} EV accuracy"] = spread([get(x, "exhaustivity", "accuracy") for x in d])
         out[f"{regime} gap recovered"] = spread([r["gap_recovered"] for r in runs])
+        for i in range(max(len(r["gap_recovered_by_round"]) for r in runs)):
+            out[f"{regime} gap recovered by round {i + 1}"] = spread(
+                [r["gap_recovered_by_round"][i] if i < len(r["gap_recovered_by_round"]) else None for r in runs])
         out[f"{regime} worst round change"] = spread([r["worst_round_change"] for r in runs])
     return out
 
@@ -412,6 +496,9 @@ def demonstration(args: argparse.Namespace) -> None:
 
     from sam3_train.callbacks import matmul_gflops
 
+    if "transfer" in args.regimes and len(args.regimes) > 1:
+        raise SystemExit("bench_engine: run the transfer regime on its own (--regimes transfer): it has its own "
+                         "domain, base and reference")
     learned = args.chain == "learned"
     args.audit_images = args.audit_images or None
     configs = args.config or [*CONFIGS, *([LEARNED] if learned else [])]
@@ -424,6 +511,19 @@ def demonstration(args: argparse.Namespace) -> None:
     overrides = [*quick, f"trainer.max_steps={steps}", f"engine.rounds={args.rounds}", *args.overrides]
     if args.quick:
         configs = [*configs, *quick_verifier_configs(work)] if learned else configs
+    transfer = None
+    if "transfer" in args.regimes:
+        if not args.base and not args.quick:
+            raise SystemExit("bench_engine: the transfer regime fine-tunes a pretrained base: give --base (an HF "
+                             "folder, e.g. benchmarks/bench_finetune.py's OUT/base/hf)")
+        base = quick_base(work) if args.quick else Path(args.base).resolve()
+        splits = {"train": 40, "val": 8, "test": 8} if args.quick else json.loads(args.transfer_splits)
+        steps_t = 3 if args.quick else args.transfer_steps
+        model_cfg = transfer_config(work, base, steps=steps_t, splits=splits, quick=args.quick)
+        engine_cfgs = [c for c in configs if c != "configs/shapes_tiny.yaml"]
+        quick_t = [q for q in QUICK if q.startswith("engine.")] if args.quick else []
+        transfer = ([model_cfg, *engine_cfgs], [*quick_t, f"trainer.max_steps={steps_t}", f"engine.rounds={args.rounds}",
+                                                *args.overrides])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     gflops = matmul_gflops()
     start = time.perf_counter()
@@ -435,7 +535,7 @@ def demonstration(args: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs if not args.report_only else 1) as pool:
         futures = [pool.submit(seed_runs, seed=seed, work=work, configs=configs, overrides=overrides,
                                regimes=args.regimes, proposer=proposer, threads=threads if args.jobs > 1 else None,
-                               first_seed=args.seeds[0])
+                               first_seed=args.seeds[0], transfer=transfer)
                    for seed in (args.seeds if not args.report_only else [])]
         for future in futures:
             future.result()
@@ -446,6 +546,8 @@ def demonstration(args: argparse.Namespace) -> None:
         "benchmark": "data_engine", "quick": args.quick, "config": configs, "overrides": overrides,
         "chain": args.chain, "audit_images": args.audit_images, "seeds": args.seeds, "regimes": args.regimes, "rounds": args.rounds,
         "steps_per_student": steps,
+        "transfer": None if transfer is None else {
+            "base": str(base), "steps": steps_t, "splits": splits, "config": transfer[0], "overrides": transfer[1]},
         "proposer": None if proposer is None else {
             "steps": 6 if args.quick else args.proposer_steps,
             "metrics": {k: manifest(work / "proposer" / "round-000")["metrics"].get(k) for k in METRICS}},
@@ -454,9 +556,20 @@ def demonstration(args: argparse.Namespace) -> None:
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
     }
     print_result(result)
+    save_result(out, result_group(args.regimes), result)
+    print(f"saved {out} ({result_group(args.regimes)})")
+
+
+def result_group(regimes: list[str]) -> str:
+    """The results file's key of a run: ``transfer``, or ``from_scratch`` (weak and strong)."""
+    return "transfer" if regimes == ["transfer"] else "from_scratch"
+
+
+def save_result(out: Path, group: str, result: dict) -> None:
+    """Write ``result`` as ``out[group]``, keeping the other group's result already in ``out``."""
+    saved = json.loads(out.read_text()) if out.is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    out.write_text(json.dumps({**saved, group: result}, indent=2) + "\n")
 
 
 def quick_verifier_configs(work: Path) -> list[str]:
@@ -481,6 +594,9 @@ def print_result(result: dict) -> None:
         f"{s['mean']:.3g} ({', '.join(f'{v:.3g}' for v in s['values'])})")
     print(f"\nheld-out test split, {result['steps_per_student']} steps per student, seeds {result['seeds']}, "
           f"{result['chain']} verifiers{' (QUICK: a smoke run, not a measurement)' if result['quick'] else ''}")
+    if result["transfer"]:
+        t = result["transfer"]
+        print(f"transfer regime: {t['base']} fine-tuned {t['steps']} steps on the shifted domain {t['splits']}")
     if result["proposer"]:
         print(f"strong regime's proposer: {result['proposer']['steps']} steps on the labelled share, test cgF1 "
               f"{result['proposer']['metrics']['test/cgF1']:.3g}")
@@ -495,7 +611,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny scale (a handful of steps): checks the pipeline")
     parser.add_argument("--chain", choices=["learned", "heuristic"], default="learned",
                         help="the verifiers that write the pseudo-labels (default learned; both are scored)")
-    parser.add_argument("--regimes", nargs="+", choices=["weak", "strong"], default=["weak", "strong"])
+    parser.add_argument("--regimes", nargs="+", choices=["weak", "strong", "transfer"], default=["weak", "strong"],
+                        help="weak and strong: from scratch (default); transfer: a pretrained --base on a new domain")
+    parser.add_argument("--base", help="transfer: the pretrained base, an HF folder (bench_finetune.py's OUT/base/hf)")
+    parser.add_argument("--transfer-steps", type=int, default=600,
+                        help="transfer: steps of every fine-tune, round 0, the rounds and the reference (default 600)")
+    parser.add_argument("--transfer-splits", default=json.dumps(TRANSFER_SPLITS),
+                        help=f"transfer: JSON images per split of the shifted domain (default {json.dumps(TRANSFER_SPLITS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--rounds", type=int, default=1, help="pseudo-labelling rounds per regime (default 1)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of every student (default 1500)")

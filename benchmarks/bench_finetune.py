@@ -123,6 +123,18 @@ def ensure_base(args: argparse.Namespace, out: Path) -> Path:
     return hf
 
 
+def finetune_model(model: dict[str, Any], pretrained: Path | str) -> dict[str, Any]:
+    """shapes_tiny.yaml's ``model`` section turned, in place, into the full fine-tune of ``pretrained``
+    (also the data engine's transfer regime, benchmarks/bench_engine.py)."""
+    # The sizes come with the pretrained folder; the from-scratch departures (the init and the denoising
+    # queries) are not SAM 3's fine-tuning recipe, which the fine-tunes keep.
+    for key in ("preset", "init", "model_overrides", "denoising"):
+        model.pop(key, None)
+    model.update(pretrained=str(pretrained), lr=FULL_LR, lr_vision=FULL_LR, lr_text=FULL_LR, layer_decay=1.0,
+                 warmup_steps=WARMUP_STEPS)
+    return model
+
+
 def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: Path, kshot: str,
                base_train: str, val_sets: dict[str, str], steps: int, val_every: int) -> dict[str, Any]:
     """shapes_tiny.yaml turned into one fine-tune (module docstring, 3), its outputs under ``run_dir``."""
@@ -136,12 +148,7 @@ def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: P
          "init_args": {"monitor": MONITOR, "mode": "max", "save_top_k": 1, "filename": "best-{step}"}},
         {"class_path": "sam3_train.finetune.ZeroShotBaseline", "init_args": {"monitor": MONITOR, "tolerance": 1.0}},
         {"class_path": "sam3_train.callbacks.RunSummary"}]
-    # The sizes come with the pretrained folder; the from-scratch departures (the init and the denoising
-    # queries) are not SAM 3's fine-tuning recipe, which the fine-tunes keep.
-    for key in ("preset", "init", "model_overrides", "denoising"):
-        model.pop(key, None)
-    model.update(pretrained=str(pretrained), lr=FULL_LR, lr_vision=FULL_LR, lr_text=FULL_LR, layer_decay=1.0,
-                 warmup_steps=WARMUP_STEPS)
+    finetune_model(model, pretrained)
     if method == "lora":  # the shipped LoRA overlay's adapters and learning rates
         lora_model = yaml.safe_load((REPO / "configs" / "sam3_lora.yaml").read_text())["model"]
         model.update(lora_model)

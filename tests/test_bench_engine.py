@@ -1,0 +1,71 @@
+"""benchmarks/bench_engine.py's transfer regime (docs/data_engine.md): the fine-tune config the real CLI
+reads as a full fine-tune of the pretrained base on the shifted domain, the gap each round recovers
+against its own 100%-label reference, and the results file keeping both regimes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_engine  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")]
+
+
+def test_transfer_config_is_a_full_fine_tune_of_the_base_on_the_shifted_domain(tmp_path):
+    from sam3_train.cli import Sam3CLI
+    from sam3_train.data import Sam3DataModule
+    from sam3_train.lit import Sam3LitModule
+
+    base = bench_engine.quick_base(tmp_path)
+    path = bench_engine.transfer_config(tmp_path, base, steps=7, splits={"train": 6, "val": 2, "test": 2}, quick=True)
+    cfg = yaml.safe_load(Path(path).read_text())
+    model, data = cfg["model"], cfg["data"]
+    assert model["pretrained"] == str(base) and not {"init", "denoising", "preset"} & set(model)
+    assert model["lr"] == model["lr_vision"] == model["lr_text"] == 1.0e-4  # bench_finetune's recipe
+    assert "shapes_root" not in data and cfg["trainer"]["max_steps"] == data["steps_per_epoch"] == 7
+    for split, count in {"train": 6, "val": 2, "test": 2}.items():
+        folder = Path(data[f"{split}_shards"]).parent
+        params = json.loads((folder / "manifest.json").read_text())["params"]
+        assert params["domain"] == "shifted" and params["count"] == count
+    cli = Sam3CLI(Sam3LitModule, Sam3DataModule, run=False, save_config_callback=None,
+                  args=["--config", path, "--trainer.logger=false"])
+    assert cli.trainer.max_steps == 7 and cli.model.detector.denoising is None
+    assert cli.datamodule.patterns["train"] == data["train_shards"]
+
+
+def fake_run(root: Path, cgf1s: list[float]) -> None:
+    """An engine work folder with one finished round per figure (its manifest's test cgF1) and no proposals."""
+    (root / "split").mkdir(parents=True)
+    (root / "split" / "split.json").write_text(json.dumps({"params": {"urls": []}}))
+    for i, value in enumerate(cgf1s):
+        (root / f"round-{i:03d}").mkdir()
+        (root / f"round-{i:03d}" / "manifest.json").write_text(json.dumps({"metrics": {"test/cgF1": value}}))
+
+
+def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_beside_the_other_regimes(tmp_path):
+    for seed, (rounds, full) in enumerate([([2.0, 3.0, 4.5], 7.0), ([1.0, 0.5, 2.0], 3.0)]):
+        fake_run(tmp_path / f"seed-{seed}" / "transfer", rounds)
+        fake_run(tmp_path / f"seed-{seed}" / "transfer-full", [full])
+    seeds = [bench_engine.seed_result(seed=s, work=tmp_path, chains={}, regimes=["transfer"], audit_images=None)
+             for s in (0, 1)]
+    assert seeds[0]["regimes"]["transfer"]["gap_recovered_by_round"] == pytest.approx([0.2, 0.5])
+    assert seeds[1]["regimes"]["transfer"]["gap_recovered_by_round"] == pytest.approx([-0.25, 0.5])
+    assert seeds[1]["regimes"]["transfer"]["worst_round_change"] == pytest.approx(-0.5)
+    assert seeds[0]["full"] is None and seeds[0]["transfer-full"]["test/cgF1"] == 7.0
+    summary = bench_engine.summary(seeds, ["transfer"])
+    assert summary["transfer gap recovered by round 1"]["min"] == pytest.approx(-0.25)
+    assert summary["transfer gap recovered by round 2"]["values"] == pytest.approx([0.5, 0.5])
+    assert summary["transfer-full cgF1"]["mean"] == pytest.approx(5.0) and "full cgF1" not in summary
+
+    out = tmp_path / "engine.json"
+    bench_engine.save_result(out, "from_scratch", {"regimes": ["weak"]})
+    bench_engine.save_result(out, bench_engine.result_group(["transfer"]), {"regimes": ["transfer"]})
+    assert json.loads(out.read_text()) == {"from_scratch": {"regimes": ["weak"]}, "transfer": {"regimes": ["transfer"]}}
