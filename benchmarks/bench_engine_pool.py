@@ -1,0 +1,230 @@
+"""The data engine's propose, verify and write stages over a large pool, on two ranks (DDP, gloo).
+
+    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 100000   # docs/benchmarks.md (~2 h, 2 cores)
+    python benchmarks/bench_engine_pool.py --images 400 --kill 400               # a quick look (~3 min)
+
+Per pool size N: a pool of N shapes images at ``--image-size`` px (the built-in generator, cached under
+``--work-dir``), each asked the first ``--phrases`` shape kinds (a vocabulary, as a user labels a pool for a list of
+concepts), proposed on by a tiny proposer at that size (``--proposer-steps`` steps of
+configs/shapes_tiny.yaml on 200 shapes images, trained once through the engine's round 0) and verified
+and written with configs/engine/shapes.yaml's heuristic chain and miner, each image asked its own
+phrases. The stages run as a user runs them: ``tools/data_engine.py run --stop-after propose``, then
+``--stop-after write``, with ``trainer.devices=2`` (the engine launches the second rank). Per stage:
+wall seconds and images per second (both ranks together; process start-up included), and the peak
+resident memory of the largest process and of all of them together (sampled every 0.2 s over the
+process tree with psutil). Per image: the proposals files' bytes, the stage markers' bytes
+(proposals.json, shards.json: the round's manifest of what was written) and the written shards' bytes.
+
+``--kill N``: at pool size N, every process of the stage is killed (SIGKILL, the engine's own fault
+point at the middle of rank 0's share: ``propose-batch`` and ``write``), the same command is run again and
+finishes the stage; the timed figures are the finishing attempt's. Either way the run is checked at
+the end: the proposals hold every pool image once, and the written shards hold every pool image once
+(nothing lost, nothing doubled). Printed and saved as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TOOL = REPO / "tools" / "data_engine.py"
+CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
+BATCH = 8  # images per propose forward (engine.batch_size)
+KILL_ENV = "SAM3_ENGINE_KILL_AT"
+
+
+def engine_command(work: Path, overrides: list[str], stop_after: str | None = None) -> list[str]:
+    options = [a for c in CONFIGS for a in ("--config", str(REPO / c))]
+    return [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work}", *overrides,
+            *(["--stop-after", stop_after] if stop_after else []), "--quiet"]
+
+
+def tree_rss(root: int) -> tuple[int, int]:
+    """(largest, total) resident bytes of ``root`` and its descendants now (0, 0 once gone)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(root)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    sizes = []
+    for p in procs:
+        try:
+            sizes.append(p.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+    return max(sizes, default=0), sum(sizes)
+
+
+def run_stage(command: list[str], log: Path, *, env: dict[str, str] | None = None) -> dict:
+    """Run ``command`` in its own session, sampling its process tree's memory; its wall seconds, peaks
+    and exit code (after a fault-point kill every process left in the session is killed too)."""
+    with open(log, "a") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        peaks = [0, 0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                largest, total = tree_rss(proc.pid)
+                peaks[0], peaks[1] = max(peaks[0], largest), max(peaks[1], total)
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    if code != 0:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a rank the kill left behind
+        except ProcessLookupError:
+            pass
+    return {"seconds": seconds, "peak_rss_largest_mib": round(peaks[0] / 2**20, 1),
+            "peak_rss_total_mib": round(peaks[1] / 2**20, 1), "returncode": code}
+
+
+def make_proposer(work: Path, *, image_size: int, steps: int, log: Path) -> Path:
+    """A tiny proposer at ``image_size``: the engine's round 0 on 200 shapes images, ``steps`` steps."""
+    ckpt = work / "proposer" / "round-000" / "model.ckpt"
+    if not ckpt.is_file():
+        overrides = [f"data.shapes_root={work / 'shapes'}", "data.shapes_splits={train: 200, val: 8, test: 16}",
+                     f"data.image_size={image_size}", f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps}",
+                     f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1", "data.num_workers=0",
+                     "engine.rounds=0", "engine.labelled_fraction=1.0", "seed_everything=0"]
+        result = run_stage(engine_command(work / "proposer", overrides), log)
+        if result["returncode"] != 0 or not ckpt.is_file():
+            raise SystemExit(f"bench_engine_pool: the proposer did not train (see {log})")
+    return ckpt
+
+
+def pool_keys(pattern: str) -> list[str]:
+    from sam3_train.engine.sources import read_samples, resolve
+
+    return [key for key, _, _, _ in read_samples(resolve(pattern, "pool"), strict=False)]
+
+
+def proposal_keys(round_dir: Path) -> list[str]:
+    from sam3_train.engine.proposal_files import ProposalIndex
+
+    return [key for path in sorted(round_dir.glob("proposals-rank*/proposals.jsonl.gz")) for key in ProposalIndex(path)]
+
+
+def written_keys(round_dir: Path) -> list[str]:
+    from sam3_train.engine.sources import read_samples
+
+    shards = sorted(str(p) for p in round_dir.glob("shards-rank*/*.tar"))
+    return [key for key, _, _, _ in read_samples(shards)]
+
+
+def pool_run(work: Path, *, images: int, image_size: int, proposer: Path, phrases: int, kill: bool, log: Path) -> dict:
+    """Propose, then verify and write, over a pool of ``images`` (module docstring)."""
+    from sam3_train.data.shapes import KINDS, ensure_shapes_shards
+
+    start = time.perf_counter()
+    pool = ensure_shapes_shards(work / f"pool-{images}", splits={"train": images}, image_size=image_size,
+                                max_count=1000, progress=True)["train"]
+    generate_s = time.perf_counter() - start
+    engine_dir = work / f"engine-{images}"
+    round_dir = engine_dir / "round-001"
+    vocabulary = work / f"vocabulary-{phrases}.txt"
+    vocabulary.write_text("".join(f"{kind}\n" for kind in KINDS[:phrases]))
+    overrides = ["engine.labelled_fraction=null", "engine.phrases=vocabulary", f"engine.vocabulary={vocabulary}",
+                 f"engine.pool={pool}", f"engine.checkpoint={proposer}", "engine.rounds=1",
+                 f"engine.batch_size={BATCH}", "engine.num_workers=0", f"data.image_size={image_size}",
+                 "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.num_nodes=1"]
+    stages, kills = {}, {}
+    for stage, point, nth in (("propose", "propose-batch", images // 2 // BATCH // 2), ("write", "write", images // 4)):
+        command = engine_command(engine_dir, overrides, stop_after=stage)
+        if kill:
+            killed = run_stage(command, log, env={KILL_ENV: f"{point}:{max(nth, 1)}"})
+            kills[stage] = {"at": f"{point}:{max(nth, 1)}", "seconds": round(killed["seconds"], 1),
+                            "returncode": killed["returncode"]}
+            if killed["returncode"] == 0:
+                raise SystemExit(f"bench_engine_pool: the {stage} stage was not killed at {point}:{nth} (see {log})")
+        result = run_stage(command, log)
+        if result["returncode"] != 0:
+            raise SystemExit(f"bench_engine_pool: the {stage} stage failed (see {log})")
+        stages[stage] = {**result, "seconds": round(result["seconds"], 1),
+                         "images_per_s": round(images / result["seconds"], 2)}
+    keys = pool_keys(pool)
+    proposed, written = proposal_keys(round_dir), written_keys(round_dir)
+    check = {"pool_images": len(keys), "proposed_records": len(proposed), "written_samples": len(written),
+             "every_image_proposed_once": sorted(proposed) == sorted(keys),
+             "every_image_written_once": sorted(written) == sorted(keys)}
+    if not (check["every_image_proposed_once"] and check["every_image_written_once"]):
+        raise SystemExit(f"bench_engine_pool: images lost or doubled at {images}: {check}")
+    marker = lambda name: (round_dir / name).stat().st_size  # noqa: E731
+    proposals_bytes = sum(p.stat().st_size for p in round_dir.glob("proposals-rank*/*"))
+    shard_bytes = sum(p.stat().st_size for p in round_dir.glob("shards-rank*/*"))
+    counts = json.loads((round_dir / "proposals.json").read_text())["counts"]
+    written_counts = json.loads((round_dir / "shards.json").read_text())["counts"]
+    return {
+        "images": images, "generate_seconds": round(generate_s, 1), "stages": stages, "kills": kills or None,
+        "candidates_per_image": round(counts["candidates"] / images, 2), "pairs_per_image": round(counts["pairs"] / images, 2),
+        "instances_written": written_counts["instances"], "negatives_mined": written_counts["negatives_mined"],
+        "bytes_per_image": {"proposals": round(proposals_bytes / images), "proposals_json": round(marker("proposals.json") / images, 2),
+                            "shards_json": round(marker("shards.json") / images, 2), "written_shards": round(shard_bytes / images)},
+        "check": check,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000], help="pool sizes, in order")
+    parser.add_argument("--kill", type=int, nargs="*", default=[], help="pool sizes whose stages are killed once")
+    parser.add_argument("--image-size", type=int, default=112, help="pool images and proposer, px (default 112)")
+    parser.add_argument("--phrases", type=int, default=4, help="phrases asked of every image: the first N shape "
+                        "kinds, as a vocabulary file (engine.phrases: vocabulary; default 4)")
+    parser.add_argument("--proposer-steps", type=int, default=300, help="the proposer's training steps (default 300)")
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench_engine_pool"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engine_pool.json"))
+    args = parser.parse_args()
+    from sam3_train.callbacks import matmul_gflops
+
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    gflops = matmul_gflops()
+    proposer = make_proposer(work, image_size=args.image_size, steps=args.proposer_steps, log=log)
+    runs = []
+    for images in args.images:
+        runs.append(pool_run(work, images=images, image_size=args.image_size, proposer=proposer,
+                             phrases=args.phrases, kill=images in args.kill, log=log))
+        print(json.dumps(runs[-1]), flush=True)
+    first = runs[0]
+    for run in runs[1:]:  # memory of every larger pool against the smallest one's
+        run["peak_rss_vs_first"] = {stage: round(s["peak_rss_largest_mib"] / first["stages"][stage]["peak_rss_largest_mib"], 3)
+                                    for stage, s in run["stages"].items()}
+    result = {"benchmark": "data_engine_pool", "image_size": args.image_size, "phrases": args.phrases, "proposer_steps": args.proposer_steps,
+              "ranks": 2, "batch_size": BATCH, "chain": "configs/engine/shapes.yaml (heuristic)", "runs": runs,
+              "matmul_fp32_gflops": round(gflops, 1), "cpus": os.cpu_count(), "python": platform.python_version(),
+              "machine": platform.machine()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for run in runs:
+        s = run["stages"]
+        print(f"{run['images']:>7} images: propose {s['propose']['images_per_s']}/s (peak {s['propose']['peak_rss_largest_mib']} "
+              f"MiB largest, {s['propose']['peak_rss_total_mib']} MiB all), write {s['write']['images_per_s']}/s (peak "
+              f"{s['write']['peak_rss_largest_mib']} / {s['write']['peak_rss_total_mib']} MiB); bytes per image "
+              f"{run['bytes_per_image']}; {run['check']}")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
