@@ -400,8 +400,9 @@ def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str]
     if "transfer" in regimes:
         configs_t, overrides_t = transfer
         base_t = [*overrides_t, f"seed_everything={seed}"]
-        run("transfer", base_t, configs_t)
+        # the reference first: an interrupted benchmark can already read the gap of its finished rounds
         run("transfer-full", [*base_t, "engine.labelled_fraction=1.0", "engine.rounds=0"], configs_t)
+        run("transfer", base_t, configs_t)
         if regimes == ["transfer"]:
             return
     if "weak" in regimes:
