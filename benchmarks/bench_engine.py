@@ -38,9 +38,10 @@ evaluated on the held-out test split; the gap closed by the last round is (last 
 transfer regime (last - transfer round 0) / (transfer-full - transfer round 0), per seed (the worst seed
 is the aim's figure). Per round it reports what
 the chain kept and rejected, how good the written pseudo-labels are against the pool's withheld labels
-(``audit.pseudo_label_quality``), and both chains' decisions on the same proposals
-(``audit.round_verifier_quality``: the heuristic chain of configs/engine/shapes.yaml and the learned
-one the round trained). Mean and spread (min, max) over the seeds. Every run goes through the real
+(``audit.pseudo_label_quality``), and every chain's decisions on the same proposals
+(``audit.round_verifier_quality``: the heuristic chain of configs/engine/shapes.yaml, the learned one
+the round trained, and the same with its MV at a held-out precision target of 0.85,
+configs/engine/shapes_learned_precision.yaml: scored, not written). Mean and spread (min, max) over the seeds. Every run goes through the real
 front (``tools/data_engine.py run``, in subprocesses), so the benchmark is resumable: run the same
 command again after an interruption. ``--jobs N`` runs N seeds at once, each with cpus / N threads.
 Printed and saved as JSON (``--out``).
@@ -63,6 +64,7 @@ TOOL = REPO / "tools" / "data_engine.py"
 METRICS = ("test/cgF1", "test/box_cgF1", "test/IL_MCC", "test/pmF1")
 CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
 LEARNED = "configs/engine/shapes_learned.yaml"
+PRECISION = "configs/engine/shapes_learned_precision.yaml"  # MV at a held-out precision target (scored only)
 # A CPU smoke scale: 40 / 8 / 8 images at 112 px, three steps per model.
 QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112", "trainer.max_steps=3",
          "data.steps_per_epoch=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
@@ -503,7 +505,8 @@ def demonstration(args: argparse.Namespace) -> None:
     learned = args.chain == "learned"
     args.audit_images = args.audit_images or None
     configs = args.config or [*CONFIGS, *([LEARNED] if learned else [])]
-    chains = {"heuristic": CONFIGS, **({"learned": [*CONFIGS, LEARNED]} if learned else {})}
+    chains = {"heuristic": CONFIGS, **({"learned": [*CONFIGS, LEARNED], "learned-p85": [*CONFIGS, LEARNED, PRECISION]}
+                                       if learned else {})}
     suffix = "_quick" if args.quick else ""
     work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")

@@ -386,6 +386,47 @@ def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, 
     assert chain.verifiers[1]._module is not None and chain.thresholds()["learned_mask"]["checkpoint"] is None
     with pytest.raises(FileNotFoundError, match="mask.ckpt does not exist"):
         bind_round_verifiers(stage_settings(tmp_path).chain(), tmp_path / "elsewhere")
+    # A precision target instead of a threshold: calibrated on the round's held-out proposals when bound.
+    from sam3_train.engine.learned.data import VerifierData
+    from sam3_train.engine.learned.module import precision_threshold
+
+    targeted = LearnedMaskVerifier(target_precision=0.5)
+    with pytest.raises(ValueError, match="was not calibrated"):
+        targeted._threshold()
+    chain = VerifierChain(verifiers=[targeted])
+    bind_round_verifiers(chain, b_dir)
+    direct = precision_threshold(targeted._module, VerifierData(examples=str(b_dir / "verifiers" / MV_FILE)), 0.5)
+    assert targeted.calibration == direct and direct["target"] == 0.5
+    assert chain.thresholds()["learned_mask"] == {"checkpoint": None, "min_prob": 0.5, "target_precision": 0.5}
+    with pytest.raises(ValueError, match="leave checkpoint unset"):
+        LearnedMaskVerifier(checkpoint=str(b_dir / "verifiers" / "mask.ckpt"), target_precision=0.9)
+
+
+def test_precision_threshold_is_the_lowest_cut_that_reaches_the_target():
+    """Held-out rows made from proposals (evidence 1) only, sorted by probability: the deepest cut whose
+    precision reaches the target, tied probabilities cut together; by hand."""
+    from torch import nn
+
+    from sam3_train.engine.learned.module import precision_threshold
+
+    class Fixed(nn.Module):  # the "net": each row's logit is given
+        def forward(self, batch):
+            return batch["logit"]
+
+    def data(rows):  # (probability, label, evidence)
+        parts = {"val": [{"logit": torch.logit(torch.tensor(p)), "labels": torch.tensor(float(y)),
+                          "stats": torch.tensor([float(e), 0.0])} for p, y, e in rows]}
+        return SimpleNamespace(setup=lambda stage: None, parts=parts)
+
+    rows = [(0.95, 0, 0), (0.9, 1, 1), (0.8, 1, 1), (0.7, 0, 1), (0.6, 1, 1), (0.5, 0, 1), (0.4, 1, 1)]
+    # precision at each cut: 1/1, 2/2, 2/3, 3/4, 3/5, 4/6 (the 0.95 row is ground truth: left out)
+    found = precision_threshold(Fixed(), data(rows), 0.75)
+    assert found["min_prob"] == pytest.approx(0.6) and found["precision"] == 0.75 and found["recall"] == 0.75
+    assert found["rows"] == 6 and found["positives"] == 4
+    assert precision_threshold(Fixed(), data(rows), 1.0)["min_prob"] == pytest.approx(0.8)
+    tied = [(0.9, 1, 1), (0.7, 0, 1), (0.7, 1, 1)]  # 0.7 keeps both tied rows: 2/3
+    assert precision_threshold(Fixed(), data(tied), 0.75)["min_prob"] == pytest.approx(0.9)
+    assert precision_threshold(Fixed(), data([(0.9, 0, 1)]), 0.5)["min_prob"] is None  # no positive
 
 
 def test_learned_verifiers_without_checkpoint_need_verifier_training():

@@ -14,7 +14,8 @@ One concept per module, in the order the data flows:
     examples.py   their training examples (proposals on labelled images matched to the labels,
                   perturbed ground truth, reviewed pairs) and the examples file
     nets.py       VerifierNet, the same small CNN for MV and EV
-    module.py     VerifierModule (the LightningModule) and score_examples (held-out accuracy)
+    module.py     VerifierModule (the LightningModule), score_examples (held-out accuracy) and
+                  precision_threshold (the threshold that reaches a held-out precision)
     data.py       VerifierData (the LightningDataModule over one examples file)
     cli.py        ``sam3-train fit-verifier``: VerifierCLI on Sam3CLI; reading a base + overlay config
     chain.py      LearnedMaskVerifier / LearnedExhaustivityVerifier for the chain, loading a trained
@@ -42,7 +43,7 @@ from sam3_train.engine.learned.chain import (
 from sam3_train.engine.learned.cli import VerifierCLI, fit_verifier, read_verifier_config
 from sam3_train.engine.learned.data import VerifierData
 from sam3_train.engine.learned.examples import Examples, load_examples, make_examples
-from sam3_train.engine.learned.module import VerifierModule, score_examples
+from sam3_train.engine.learned.module import VerifierModule, precision_threshold, score_examples
 from sam3_train.engine.learned.nets import VerifierNet
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "load_examples",
     "load_verifier",
     "make_examples",
+    "precision_threshold",
     "read_verifier_config",
     "score_examples",
 ]

@@ -12,21 +12,25 @@ stage binds the ones a round trained, and where the chain gets the pool's images
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import tarfile
 from typing import Any
 
 import torch
+import yaml
 
 from sam3_train.checkpointing import CheckpointError, load_checkpoint_file
 from sam3_train.data.schema import IMAGE_EXTENSIONS
 from sam3_train.engine.candidates import Candidate
 from sam3_train.engine.learned.features import PHRASE_WORDS, candidate_mask_inputs, phrase_tokens, set_inputs
-from sam3_train.engine.learned.module import VerifierModule
+from sam3_train.engine.learned.data import VerifierData
+from sam3_train.engine.learned.module import VerifierModule, precision_threshold
 from sam3_train.engine.learned.nets import Kind
-from sam3_train.engine.manifest import verifier_checkpoint
+from sam3_train.engine.manifest import EXAMPLES_FILES, verifier_checkpoint, verifier_config_name
 from sam3_train.engine.verifiers import Verdict, Verifier, image_tensor
 
+log = logging.getLogger(__name__)
 HINT = ("train one with `sam3-train fit-verifier --config configs/verifiers/base.yaml --config "
         "configs/verifiers/mv.yaml` (ev.yaml for EV) or the engine's verifiers stage")
 
@@ -88,10 +92,56 @@ class _Learned(Verifier):
 class LearnedMaskVerifier(_Learned):
     """Keeps an instance when the MV net gives it probability >= ``min_prob`` of being a correct,
     complete instance of the phrase. A mask check: an instance it drops makes the pair non-exhaustive
-    and flags it for review (``rejects_absent`` False), as the heuristic mask checks."""
+    and flags it for review (``rejects_absent`` False), as the heuristic mask checks.
+
+    ``target_precision`` (with a round-trained verifier, ``checkpoint`` None): instead of ``min_prob``,
+    the lowest probability at which the round's MV reaches this precision on its held-out examples
+    (the detector's proposals on held-out labelled images; module.precision_threshold), set when the
+    engine binds it; ``calibration`` then says the threshold, and the held-out precision and recall."""
 
     name = "learned_mask"
     kind = "mask"
+
+    def __init__(self, *, checkpoint: str | None = None, min_prob: float = 0.5, target_precision: float | None = None):
+        super().__init__(checkpoint=checkpoint, min_prob=min_prob)
+        if target_precision is not None and not 0.0 < target_precision <= 1.0:
+            raise ValueError(f"LearnedMaskVerifier.target_precision must lie in (0, 1], got {target_precision}")
+        if target_precision is not None and checkpoint is not None:
+            raise ValueError("LearnedMaskVerifier.target_precision calibrates the verifier a round trains on that "
+                             "round's held-out examples: leave checkpoint unset, or set min_prob instead")
+        self.target_precision = target_precision
+        self._calibration: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments (``target_precision`` only when set: the thresholds recorded by rounds
+        written before it existed stay the same)."""
+        out = super().params()
+        if self.target_precision is None:
+            out.pop("target_precision")
+        return out
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        return self._calibration
+
+    def calibrate(self, examples: str | os.PathLike, val_fraction: float) -> dict[str, Any]:
+        """Set the acceptance threshold from ``target_precision`` on the held-out rows of ``examples``."""
+        module = self._net(None)
+        self._calibration = precision_threshold(module, VerifierData(examples=str(examples), val_fraction=val_fraction),
+                                                self.target_precision)
+        if self._calibration["min_prob"] is None:
+            log.warning("LearnedMaskVerifier: no threshold reaches precision %s on %d held-out proposals of %s: "
+                        "it keeps nothing", self.target_precision, self._calibration["rows"], examples)
+        return self._calibration
+
+    def _threshold(self) -> float:
+        if self.target_precision is None:
+            return self.min_prob
+        if self._calibration is None:
+            raise ValueError("LearnedMaskVerifier.target_precision is set but the verifier was not calibrated: the "
+                             "engine does it when it binds the round's verifier (bind_round_verifiers)")
+        found = self._calibration["min_prob"]
+        return float("inf") if found is None else found
 
     @torch.no_grad()
     def probabilities(self, candidate, *, image=None, alive=None):
@@ -104,7 +154,7 @@ class LearnedMaskVerifier(_Learned):
         return net({"pixels": pixels, "stats": stats, "tokens": tokens}).sigmoid()
 
     def __call__(self, candidate: Candidate, *, image: Any = None, alive: torch.Tensor | None = None) -> Verdict:
-        return Verdict(keep=self.probabilities(candidate, image=image) >= self.min_prob)
+        return Verdict(keep=self.probabilities(candidate, image=image) >= self._threshold())
 
 
 class LearnedExhaustivityVerifier(_Learned):
@@ -143,6 +193,13 @@ def bind_round_verifiers(chain: Any, round_dir: str | os.PathLike) -> None:
                 raise FileNotFoundError(f"{type(verifier).__name__} has no checkpoint and {path} does not exist: "
                                         "set its checkpoint or engine.verifier_training")
             verifier.bind(path)
+            if isinstance(verifier, LearnedMaskVerifier) and verifier.target_precision is not None:
+                config = yaml.safe_load((path.parent / verifier_config_name(verifier.kind)).read_text())
+                found = verifier.calibrate(path.parent / EXAMPLES_FILES[verifier.kind],
+                                           val_fraction=config.get("data", {}).get("val_fraction", 0.2))
+                log.info("%s: MV threshold %s for held-out precision %s (precision %s, recall %s on %d proposals)",
+                         round_dir, found["min_prob"], verifier.target_precision, found["precision"],
+                         found["recall"], found["rows"])
 
 
 class ShardImages:

@@ -86,3 +86,38 @@ def score_examples(module: VerifierModule, data: VerifierData, part: str = "val"
         rows += len(truth)
     share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
     return {"rows": rows, "accuracy": share(right, rows), "precision": share(tp, tp + fp), "recall": share(tp, tp + fn)}
+
+
+@torch.no_grad()
+def precision_threshold(module: VerifierModule, data: VerifierData, target: float, part: str = "val"
+                        ) -> dict[str, Any]:
+    """The lowest acceptance probability at which a trained verifier's "accept" reaches precision
+    ``target`` on one part of its examples, counting only the rows made from the detector's proposals
+    (``evidence`` 1: what the chain judges; perturbed ground-truth rows are left out), with the recall
+    there. ``min_prob`` is None when no threshold reaches the target. Of the thresholds that reach it, the
+    lowest keeps the most (the highest recall); tied probabilities are cut together."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target precision must lie in (0, 1], got {target}")
+    data.setup("fit")
+    module = module.eval()
+    probs, labels = [], []
+    for batch in DataLoader(data.parts[part], batch_size=256):
+        evidence = batch["stats"][:, 0] > 0.5  # features.MASK_STATS / SET_STATS: "evidence" comes first
+        probs.append(module(batch).sigmoid()[evidence])
+        labels.append(batch["labels"][evidence] > 0.5)
+    p, y = torch.cat(probs), torch.cat(labels)
+    result: dict[str, Any] = {"target": target, "rows": len(p), "positives": int(y.sum()), "min_prob": None,
+                              "precision": None, "recall": None}
+    if not len(p) or not bool(y.any()):
+        return result
+    p, order = p.sort(descending=True)
+    tp = y[order].cumsum(0).double()
+    precision = tp / torch.arange(1, len(p) + 1, dtype=torch.float64)
+    cut = torch.ones(len(p), dtype=torch.bool)
+    cut[:-1] = p[1:] < p[:-1]  # the last row of each run of equal probabilities
+    ok = ((precision >= target) & cut).nonzero().flatten()
+    if len(ok):
+        i = int(ok.max())
+        result.update(min_prob=float(p[i]), precision=round(float(precision[i]), 4),
+                      recall=round(float(tp[i] / tp[-1]), 4))
+    return result
