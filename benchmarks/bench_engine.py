@@ -441,11 +441,11 @@ def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes:
         reference = "transfer-full" if regime == "transfer" else "full"
         student0 = cgf1(rows[0] if regime == "transfer" and rows else (runs["weak"][0] if runs.get("weak") else None))
         best = result[reference]["test/cgF1"] if result.get(reference) else None
-        last = cgf1(rows[-1]) if len(rows) > 1 else None
         known = None not in (student0, best) and best > student0
         gaps = [(cgf1(r) - student0) / (best - student0) if known and cgf1(r) is not None else None for r in rows[1:]]
         changes = [cgf1(r) - student0 for r in rows[1:] if cgf1(r) is not None and student0 is not None]
-        result["regimes"][regime] = {"rounds": rows, "gap_recovered": gaps[-1] if gaps and last is not None else None,
+        # the last finished round's (an interrupted run's last round may have no figure yet)
+        result["regimes"][regime] = {"rounds": rows, "gap_recovered": next((g for g in reversed(gaps) if g is not None), None),
                                      "gap_recovered_by_round": gaps, "worst_round_change": min(changes, default=None)}
     return result
 

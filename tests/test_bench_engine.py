@@ -54,9 +54,12 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
     for seed, (rounds, full) in enumerate([([2.0, 3.0, 4.5], 7.0), ([1.0, 0.5, 2.0], 3.0)]):
         fake_run(tmp_path / f"seed-{seed}" / "transfer", rounds)
         fake_run(tmp_path / f"seed-{seed}" / "transfer-full", [full])
+    (tmp_path / "seed-0" / "transfer" / "round-003").mkdir()  # an interrupted round: no figure yet
     seeds = [bench_engine.seed_result(seed=s, work=tmp_path, chains={}, regimes=["transfer"], audit_images=None)
              for s in (0, 1)]
-    assert seeds[0]["regimes"]["transfer"]["gap_recovered_by_round"] == pytest.approx([0.2, 0.5])
+    assert seeds[0]["regimes"]["transfer"]["gap_recovered_by_round"][:2] == pytest.approx([0.2, 0.5])
+    assert seeds[0]["regimes"]["transfer"]["gap_recovered_by_round"][2] is None
+    assert seeds[0]["regimes"]["transfer"]["gap_recovered"] == pytest.approx(0.5)  # the last finished round's
     assert seeds[1]["regimes"]["transfer"]["gap_recovered_by_round"] == pytest.approx([-0.25, 0.5])
     assert seeds[1]["regimes"]["transfer"]["worst_round_change"] == pytest.approx(-0.5)
     assert seeds[0]["full"] is None and seeds[0]["transfer-full"]["test/cgF1"] == 7.0
