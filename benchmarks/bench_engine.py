@@ -305,9 +305,11 @@ def write_stage_timings(*, checkpoint: Path, work: Path, images: int, repeats: i
 
 
 def chain_of(configs: list[str]):
+    """The verifier chain and the hard-negative miner of an engine config."""
     from sam3_train.engine.settings import load_config
 
-    return load_config([REPO / c for c in configs])[1].chain()
+    settings = load_config([REPO / c for c in configs])[1]
+    return settings.chain(), settings.negatives
 
 
 def read_marker(round_dir: Path, name: str) -> dict | None:
@@ -326,15 +328,15 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
     labelled = [u if Path(u).is_absolute() else str(REPO / u) for u in split["params"]["urls"]]
     decisions = {}
     for name, configs in chains.items():
-        chain = chain_of(configs)
+        chain, miner = chain_of(configs)
         if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
             continue
-        key = " ".join([name, str(audit_images), *(file_digest(p) for p in sorted(round_dir.glob(
+        key = " ".join([name, str(audit_images), "negatives", *(file_digest(p) for p in sorted(round_dir.glob(
             "proposals-rank*/proposals.jsonl.gz"))), *(file_digest(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
         cache = engine_dir.parent.parent / "decisions.json"  # the strong regime's seeds share round 1's
         known = json.loads(cache.read_text()) if cache.is_file() else {}  # proposals and verifiers; reruns
         if key not in known:
-            known[key] = round_verifier_quality(round_dir, labelled, chain, max_images=audit_images)
+            known[key] = round_verifier_quality(round_dir, labelled, chain, max_images=audit_images, miner=miner)
             fresh = json.loads(cache.read_text()) if cache.is_file() else {}  # another report may have added some
             cache.write_text(json.dumps({**fresh, key: known[key]}, indent=1) + "\n")
         decisions[name] = known[key]
@@ -486,6 +488,8 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
                 out[f"{regime} round {i} {chain} MV precision"] = spread([get(x, "mask", "precision") for x in d])
                 out[f"{regime} round {i} {chain} MV recall"] = spread([get(x, "mask", "recall") for x in d])
                 out[f"{regime} round {i} {chain} EV accuracy"] = spread([get(x, "exhaustivity", "accuracy") for x in d])
+                out[f"{regime} round {i} {chain} mined negatives wrong"] = spread(
+                    [get(x, "negatives", "as_given", "wrong_share") for x in d])
         out[f"{regime} gap recovered"] = spread([r["gap_recovered"] for r in runs])
         for i in range(max(len(r["gap_recovered_by_round"]) for r in runs)):
             out[f"{regime} gap recovered by round {i + 1}"] = spread(
@@ -596,7 +600,8 @@ def quick_verifier_configs(work: Path) -> list[str]:
 def print_result(result: dict) -> None:
     fmt = lambda s: "n/a" if s is None else (  # noqa: E731
         f"{s['mean']:.3g} ({', '.join(f'{v:.3g}' for v in s['values'])})")
-    print(f"\nheld-out test split, {result['steps_per_student']} steps per student, seeds {result['seeds']}, "
+    steps = result["transfer"]["steps"] if result["regimes"] == ["transfer"] else result["steps_per_student"]
+    print(f"\nheld-out test split, {steps} steps per student, seeds {result['seeds']}, "
           f"{result['chain']} verifiers{' (QUICK: a smoke run, not a measurement)' if result['quick'] else ''}")
     if result["transfer"]:
         t = result["transfer"]

@@ -18,7 +18,7 @@ from conftest import write_shards
 from PIL import Image
 
 from sam3_train.data import rle as rle_ops
-from sam3_train.engine import Candidate, ExhaustivityVerifier, ScoreVerifier, VerifierChain
+from sam3_train.engine import Candidate, ExhaustivityVerifier, HardNegativeMiner, ScoreVerifier, VerifierChain
 from sam3_train.engine.audit import verifier_quality
 from sam3_train.engine.candidates import candidate_record
 from sam3_train.atomic import write_json_atomic
@@ -308,6 +308,18 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
     for chain in (heuristic, learned):
         result = verifier_quality(proposals=[folder], labelled=labelled, chain=chain)
         assert result["pairs"] == 2 and result["mask"]["proposals"] == 5 and result["verifiers"] == chain.names
+    # Mined hard negatives against the labels: with every instance dropped and a wide firing band, square
+    # (top 0.9, presence 0.9; it has A and B) is mined wrongly and star (top 0.4, presence 0.2; absent)
+    # rightly; the presence guard at 0.3 keeps only star, at 0.2 or below neither (presence must be below it).
+    strict = VerifierChain(verifiers=[ScoreVerifier(min_score=0.95)])
+    miner = HardNegativeMiner(fire_low=0.05, fire_high=0.95, max_presence=1.0)
+    negatives = verifier_quality(proposals=[folder], labelled=labelled, chain=strict, miner=miner)["negatives"]
+    assert negatives == {"absent_pairs": 1, "as_given": {"mined": 2, "wrong": 1, "wrong_share": 0.5},
+                         "max_presence 0.05": {"mined": 0, "wrong": 0, "wrong_share": None},
+                         "max_presence 0.1": {"mined": 0, "wrong": 0, "wrong_share": None},
+                         "max_presence 0.2": {"mined": 0, "wrong": 0, "wrong_share": None},
+                         "max_presence 0.3": {"mined": 1, "wrong": 0, "wrong_share": 0.0}}
+    assert verifier_quality(proposals=[folder], labelled=labelled, chain=strict)["negatives"] is None
 
 
 # ---------------------------------------------------------------------------------------- the engine stage

@@ -17,6 +17,8 @@ The verifiers themselves are scored on the proposals, before anything is written
     q = round_verifier_quality(round_dir, labelled_urls, settings.chain())
     q["mask"]          # precision / recall of the kept proposals as "correct instance" (MV)
     q["exhaustivity"]  # accuracy of the exhaustive verdicts: the kept set covers every true instance (EV)
+    q = round_verifier_quality(round_dir, labelled_urls, settings.chain(), miner=settings.negatives)
+    q["negatives"]     # the hard negatives mined from those verdicts: how many, how many wrong
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from sam3_train.engine.manifest import proposal_dirs
 from sam3_train.engine.matching import MATCH_IOU, greedy_match, matched_instances
 from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
 from sam3_train.engine.sources import read_samples
-from sam3_train.engine.verifiers import VerifierChain, verify_image
+from sam3_train.engine.verifiers import HardNegativeMiner, VerifierChain, verify_image
+
+NEGATIVE_PRESENCES = (0.05, 0.1, 0.2, 0.3)  # the miner's presence guard, swept by verifier_quality
 
 
 def _masks(instances: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
@@ -76,7 +80,9 @@ def pseudo_label_quality(written: Iterable[str], labelled: Iterable[str], *, min
 
 # ------------------------------------------------------------------------------------------ the verifiers themselves
 def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterable[str], chain: VerifierChain,
-                     min_iou: float = MATCH_IOU, max_images: int | None = None) -> dict[str, Any]:
+                     min_iou: float = MATCH_IOU, max_images: int | None = None,
+                     miner: HardNegativeMiner | None = None,
+                     max_presences: Iterable[float] = NEGATIVE_PRESENCES) -> dict[str, Any]:
     """How well ``chain`` judges the proposals in the ``proposals-rankNNN`` folders ``proposals``,
     against the withheld labels of the same images (``labelled`` shards: their images feed verifiers
     that look at pixels). Call it once per chain on the same proposals to compare chains (the
@@ -94,11 +100,21 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
 
     ``max_images``: score only the first that many proposed images (in ``labelled`` order): a
     learned chain costs about as much as the write stage per image.
+
+    ``miner``: also score the hard negatives it mines from the chain's verdicts (as the write stage
+    does; nothing excluded: the pool holds no instances): ``negatives`` counts the mined phrases and
+    the wrong ones (the image has instances of the phrase), for the miner as given and for copies of
+    it with each of ``max_presences`` (its guard: the detector's presence probability must stay below
+    it), on the same verdicts; ``absent_pairs`` is how many pairs are truly absent (what a perfect
+    miner could draw from).
     """
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
     m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
     e = {"pairs": 0, "right": 0, "said": 0, "said_right": 0, "complete": 0}
-    pairs_seen = images = 0
+    pairs_seen = images = absent_pairs = 0
+    miners = {} if miner is None else {"as_given": miner, **{
+        f"max_presence {p:g}": HardNegativeMiner(**{**miner.params(), "max_presence": p}) for p in max_presences}}
+    mined = {name: {"mined": 0, "wrong": 0} for name in miners}
     for key, data, _, meta in read_samples(list(labelled)):
         index = next((i for i in indexes if key in i), None)
         if index is None:
@@ -109,7 +125,13 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
         height, width = int(meta["height"]), int(meta["width"])
         truth = {q["phrase"]: _masks(q["instances"], height, width) for q in meta["queries"] if q["exhaustive"]}
         pairs = [(c, d) for c, d in record_candidates(index.get(key)) if c.phrase in truth]
-        for verified in verify_image(pairs, chain, image=data):
+        image_verdicts = verify_image(pairs, chain, image=data)
+        absent_pairs += sum(len(truth[v.candidate.phrase]) == 0 for v in image_verdicts)
+        for name, negative_miner in miners.items():
+            for phrase in negative_miner(image_verdicts):
+                mined[name]["mined"] += 1
+                mined[name]["wrong"] += int(len(truth[phrase]) > 0)
+        for verified in image_verdicts:
             c, true = verified.candidate, truth[verified.candidate.phrase]
             pairs_seen += 1
             correct = torch.tensor([j is not None for j in greedy_match(c.masks, true, min_iou)], dtype=torch.bool)
@@ -126,8 +148,11 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
             e["said_right"] += int(verified.exhaustive and complete)
             e["complete"] += int(complete)
     share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    negatives = None if miner is None else {
+        "absent_pairs": absent_pairs,
+        **{name: {**n, "wrong_share": share(n["wrong"], n["mined"])} for name, n in mined.items()}}
     return {
-        "min_iou": min_iou, "images": images, "pairs": pairs_seen, "verifiers": chain.names,
+        "min_iou": min_iou, "images": images, "pairs": pairs_seen, "verifiers": chain.names, "negatives": negatives,
         "mask": {**m, "precision": share(m["kept_correct"], m["kept"]),
                  "recall": share(m["kept_correct"], m["correct"]), "reachable": share(m["correct"], m["true"])},
         "exhaustivity": {**e, "accuracy": share(e["right"], e["pairs"]), "precision": share(e["said_right"], e["said"]),
@@ -136,11 +161,12 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
 
 
 def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str], chain: VerifierChain,
-                           *, min_iou: float = MATCH_IOU, max_images: int | None = None) -> dict[str, Any]:
-    """:func:`verifier_quality` of ``chain`` on a round's pool proposals (its learned verifiers without a
-    checkpoint bound to the ones the round trained)."""
+                           *, min_iou: float = MATCH_IOU, max_images: int | None = None,
+                           miner: HardNegativeMiner | None = None) -> dict[str, Any]:
+    """:func:`verifier_quality` of ``chain`` (and ``miner``) on a round's pool proposals (its learned
+    verifiers without a checkpoint bound to the ones the round trained)."""
     round_dir = Path(round_dir)
     if chain.needs_image:
         bind_round_verifiers(chain, round_dir)
     return verifier_quality(proposals=proposal_dirs(round_dir), labelled=labelled, chain=chain, min_iou=min_iou,
-                            max_images=max_images)
+                            max_images=max_images, miner=miner)
