@@ -2,8 +2,10 @@
 
     python benchmarks/bench_engine.py --jobs 2        # two seeds x two regimes, learned verifiers (~2 h, 2 cores)
     python benchmarks/bench_engine.py --quick         # a handful of steps on a small shapes set: checks it runs
-    python benchmarks/bench_engine.py --regimes transfer --base /work/ft-runs/base/hf --seeds 0 1 2 --rounds 2 --jobs 2
+    python benchmarks/bench_engine.py --regimes transfer --base runs/ft/base/hf --seeds 0 1 2 --rounds 2 --jobs 3 \
+        --audit-images 100 --work-dir runs/bench_engine_transfer
                                                       # the transfer regime: a pretrained base on a new domain
+                                                      # (the base: benchmarks/bench_finetune.py --out runs/ft)
     python benchmarks/bench_engine.py --chain heuristic --regimes weak --seeds 0 --steps 3000 --rounds 2
                                                       # the first round's demonstration (hand-set checks)
 
@@ -71,10 +73,13 @@ QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112
          "trainer.log_every_n_steps=1", "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0",
          "data.max_phrases_per_image=3", "engine.split_shards=4", "engine.num_workers=0", "engine.max_detections=5"]
 
-# The transfer regime's shifted domain: 10% of 2,000 training images labelled (as the from-scratch
-# regimes' base domain), 48 validation images (checkpoint choice is not used: the last weights are
+# The transfer regime's shifted domain: 10% of 1,000 training images labelled (100 labelled, a pool of
+# 900: the learned write stage costs ~1 s an image on this CPU), 48 validation images (checkpoint choice is not used: the last weights are
 # evaluated) and the 200-image test split.
-TRANSFER_SPLITS = {"train": 2000, "val": 48, "test": 200}
+TRANSFER_SPLITS = {"train": 1000, "val": 48, "test": 200}
+# Below this gap (cgF1 points) between round 0 and the 100%-label reference, "gap recovered" divides
+# by noise and is not reported: twice the seed spread of the 400-step transfer fine-tunes (0.21).
+MIN_GAP = 0.5
 
 
 def transfer_config(work: Path, base: Path, *, steps: int, splits: dict[str, int], quick: bool = False) -> str:
@@ -331,7 +336,8 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
         chain, miner = chain_of(configs)
         if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
             continue
-        key = " ".join([name, str(audit_images), "negatives", *(file_digest(p) for p in sorted(round_dir.glob(
+        key = " ".join([name, str(audit_images), "negatives", json.dumps(chain.thresholds(), sort_keys=True),
+                        *(file_digest(p) for p in sorted(round_dir.glob(
             "proposals-rank*/proposals.jsonl.gz"))), *(file_digest(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
         cache = engine_dir.parent.parent / "decisions.json"  # the strong regime's seeds share round 1's
         known = json.loads(cache.read_text()) if cache.is_file() else {}  # proposals and verifiers; reruns
@@ -443,7 +449,7 @@ def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes:
         reference = "transfer-full" if regime == "transfer" else "full"
         student0 = cgf1(rows[0] if regime == "transfer" and rows else (runs["weak"][0] if runs.get("weak") else None))
         best = result[reference]["test/cgF1"] if result.get(reference) else None
-        known = None not in (student0, best) and best > student0
+        known = None not in (student0, best) and best - student0 >= (MIN_GAP if regime == "transfer" else 0.0)
         gaps = [(cgf1(r) - student0) / (best - student0) if known and cgf1(r) is not None else None for r in rows[1:]]
         changes = [cgf1(r) - student0 for r in rows[1:] if cgf1(r) is not None and student0 is not None]
         # the last finished round's (an interrupted run's last round may have no figure yet)
@@ -553,7 +559,7 @@ def demonstration(args: argparse.Namespace) -> None:
     result = {
         "benchmark": "data_engine", "quick": args.quick, "config": configs, "overrides": overrides,
         "chain": args.chain, "audit_images": args.audit_images, "seeds": args.seeds, "regimes": args.regimes, "rounds": args.rounds,
-        "steps_per_student": steps,
+        "steps_per_student": None if args.regimes == ["transfer"] else steps,
         "transfer": None if transfer is None else {
             "base": str(base), "steps": steps_t, "splits": splits, "config": transfer[0], "overrides": transfer[1]},
         "proposer": None if proposer is None else {
@@ -574,8 +580,11 @@ def result_group(regimes: list[str]) -> str:
 
 
 def save_result(out: Path, group: str, result: dict) -> None:
-    """Write ``result`` as ``out[group]``, keeping the other group's result already in ``out``."""
+    """Write ``result`` as ``out[group]``, keeping the other group's result already in ``out`` (a file
+    of the format before the groups, one from-scratch result, becomes the ``from_scratch`` group)."""
     saved = json.loads(out.read_text()) if out.is_file() else {}
+    if "benchmark" in saved:
+        saved = {"from_scratch": saved}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**saved, group: result}, indent=2) + "\n")
 
@@ -623,8 +632,9 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", choices=["weak", "strong", "transfer"], default=["weak", "strong"],
                         help="weak and strong: from scratch (default); transfer: a pretrained --base on a new domain")
     parser.add_argument("--base", help="transfer: the pretrained base, an HF folder (bench_finetune.py's OUT/base/hf)")
-    parser.add_argument("--transfer-steps", type=int, default=600,
-                        help="transfer: steps of every fine-tune, round 0, the rounds and the reference (default 600)")
+    parser.add_argument("--transfer-steps", type=int, default=1600,
+                        help="transfer: steps of every fine-tune, round 0, the rounds and the reference (default "
+                             "1600: at 400 the 10%% and 100%% fine-tunes are equal, docs/data_engine.md)")
     parser.add_argument("--transfer-splits", default=json.dumps(TRANSFER_SPLITS),
                         help=f"transfer: JSON images per split of the shifted domain (default {json.dumps(TRANSFER_SPLITS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])

@@ -1,7 +1,7 @@
 """The data engine's propose, verify and write stages over a large pool, on two ranks (DDP, gloo).
 
-    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 100000   # docs/benchmarks.md (~2 h, 2 cores)
-    python benchmarks/bench_engine_pool.py --images 400 --kill 400               # a quick look (~3 min)
+    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2   # docs/benchmarks.md (~40 min, 2 cores)
+    python benchmarks/bench_engine_pool.py --images 400 --kill 400                         # a quick look (~3 min)
 
 Per pool size N: a pool of N shapes images at ``--image-size`` px (the built-in generator, cached under
 ``--work-dir``), each asked the first ``--phrases`` shape kinds (a vocabulary, as a user labels a pool for a list of

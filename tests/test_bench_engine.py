@@ -68,7 +68,19 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
     assert summary["transfer gap recovered by round 2"]["values"] == pytest.approx([0.5, 0.5])
     assert summary["transfer-full cgF1"]["mean"] == pytest.approx(5.0) and "full cgF1" not in summary
 
+    assert bench_engine.MIN_GAP == 0.5  # a gap below it is noise: no "gap recovered"
+    fake_run(tmp_path / "seed-2" / "transfer", [2.0, 2.5])
+    fake_run(tmp_path / "seed-2" / "transfer-full", [2.3])
+    small = bench_engine.seed_result(seed=2, work=tmp_path, chains={}, regimes=["transfer"], audit_images=None)
+    assert small["regimes"]["transfer"]["gap_recovered"] is None
+    assert small["regimes"]["transfer"]["worst_round_change"] == pytest.approx(0.5)
+
     out = tmp_path / "engine.json"
+    out.write_text(json.dumps({"benchmark": "data_engine", "regimes": ["weak"]}))  # the format before the groups
+    bench_engine.save_result(out, "transfer", {"regimes": ["transfer"]})
+    assert json.loads(out.read_text()) == {"from_scratch": {"benchmark": "data_engine", "regimes": ["weak"]},
+                                           "transfer": {"regimes": ["transfer"]}}
+    out.unlink()
     bench_engine.save_result(out, "from_scratch", {"regimes": ["weak"]})
     bench_engine.save_result(out, bench_engine.result_group(["transfer"]), {"regimes": ["transfer"]})
     assert json.loads(out.read_text()) == {"from_scratch": {"regimes": ["weak"]}, "transfer": {"regimes": ["transfer"]}}

@@ -408,7 +408,12 @@ def test_verifiers_stage_resumes_from_its_files_after_an_interruption(tmp_path, 
     chain = VerifierChain(verifiers=[targeted])
     bind_round_verifiers(chain, b_dir)
     direct = precision_threshold(targeted._module, VerifierData(examples=str(b_dir / "verifiers" / MV_FILE)), 0.5)
-    assert targeted.calibration == direct and direct["target"] == 0.5
+    assert targeted.calibration == direct and direct["target"] == 0.5 and direct["min_score"] == 0.0
+    gated = LearnedMaskVerifier(target_precision=0.5)  # behind a score check: calibrated on what passes it
+    bind_round_verifiers(VerifierChain(verifiers=[ScoreVerifier(min_score=0.3), gated]), b_dir)
+    assert gated.calibration == precision_threshold(
+        gated._module, VerifierData(examples=str(b_dir / "verifiers" / MV_FILE)), 0.5, min_score=0.3)
+    assert gated.calibration["rows"] <= direct["rows"] and gated.calibration["min_score"] == 0.3
     assert chain.thresholds()["learned_mask"] == {"checkpoint": None, "min_prob": 0.5, "target_precision": 0.5}
     with pytest.raises(ValueError, match="leave checkpoint unset"):
         LearnedMaskVerifier(checkpoint=str(b_dir / "verifiers" / "mask.ckpt"), target_precision=0.9)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from sam3_train.engine.candidates import masks_of, record_candidates
-from sam3_train.engine.learned.chain import bind_round_verifiers
+from sam3_train.engine.learned.chain import bind_round_verifiers, calibrations
 from sam3_train.engine.manifest import proposal_dirs
 from sam3_train.engine.matching import MATCH_IOU, greedy_match, matched_instances
 from sam3_train.engine.proposal_files import ProposalIndex, proposals_file
@@ -168,5 +168,6 @@ def round_verifier_quality(round_dir: str | os.PathLike, labelled: Iterable[str]
     round_dir = Path(round_dir)
     if chain.needs_image:
         bind_round_verifiers(chain, round_dir)
-    return verifier_quality(proposals=proposal_dirs(round_dir), labelled=labelled, chain=chain, min_iou=min_iou,
-                            max_images=max_images, miner=miner)
+    quality = verifier_quality(proposals=proposal_dirs(round_dir), labelled=labelled, chain=chain, min_iou=min_iou,
+                               max_images=max_images, miner=miner)
+    return {**quality, "calibration": calibrations(chain)}

@@ -296,10 +296,12 @@ class Engine:
     def write(self, round_dir: Path) -> None:
         proposers = read_json(round_dir / PROPOSED)["world_size"]
         chain, miner = self.settings.chain(), self.settings.negatives
+        calibrated = {}
         if chain.needs_image:  # learned verifiers: the round's own where they name none, the pool's images
-            from sam3_train.engine.learned.chain import ShardImages, bind_round_verifiers
+            from sam3_train.engine.learned.chain import ShardImages, bind_round_verifiers, calibrations
 
             bind_round_verifiers(chain, round_dir)
+            calibrated = calibrations(chain)  # thresholds a verifier set itself (a precision target)
         rank, world = rank_and_world()
         for proposer in range(rank, proposers, world):
             if chain.needs_image:
@@ -310,7 +312,7 @@ class Engine:
         if is_rank_zero():
             merged = merge_summaries(round_dir, proposers)
             write_json_atomic(round_dir / WRITTEN, {"inputs": self.settings.thresholds(), "world_size": proposers,
-                                                    **merged})
+                                                    **({"calibration": calibrated} if calibrated else {}), **merged})
             c = merged["counts"]
             say(f"{round_dir.name}: wrote {c['samples']} images, {c['instances']} instances, {c['negatives_mined']} "
                 f"mined negatives, {c['exhaustive_pairs']}/{c['pairs']} exhaustive pairs; rejected {c['rejected']}")

@@ -28,7 +28,7 @@ from sam3_train.engine.learned.data import VerifierData
 from sam3_train.engine.learned.module import VerifierModule, precision_threshold
 from sam3_train.engine.learned.nets import Kind
 from sam3_train.engine.manifest import EXAMPLES_FILES, verifier_checkpoint, verifier_config_name
-from sam3_train.engine.verifiers import Verdict, Verifier, image_tensor
+from sam3_train.engine.verifiers import ScoreVerifier, Verdict, Verifier, image_tensor
 
 log = logging.getLogger(__name__)
 HINT = ("train one with `sam3-train fit-verifier --config configs/verifiers/base.yaml --config "
@@ -102,7 +102,8 @@ class LearnedMaskVerifier(_Learned):
     name = "learned_mask"
     kind = "mask"
 
-    def __init__(self, *, checkpoint: str | None = None, min_prob: float = 0.5, target_precision: float | None = None):
+    def __init__(self, *, checkpoint: str | None = None, min_prob: float = 0.5,
+                 target_precision: float | None = None):
         super().__init__(checkpoint=checkpoint, min_prob=min_prob)
         if target_precision is not None and not 0.0 < target_precision <= 1.0:
             raise ValueError(f"LearnedMaskVerifier.target_precision must lie in (0, 1], got {target_precision}")
@@ -124,11 +125,12 @@ class LearnedMaskVerifier(_Learned):
     def calibration(self) -> dict[str, Any] | None:
         return self._calibration
 
-    def calibrate(self, examples: str | os.PathLike, val_fraction: float) -> dict[str, Any]:
-        """Set the acceptance threshold from ``target_precision`` on the held-out rows of ``examples``."""
+    def calibrate(self, examples: str | os.PathLike, val_fraction: float, min_score: float = 0.0) -> dict[str, Any]:
+        """Set the acceptance threshold from ``target_precision`` on the held-out rows of ``examples``
+        scored at least ``min_score`` (the score check the chain runs before this verifier)."""
         module = self._net(None)
         self._calibration = precision_threshold(module, VerifierData(examples=str(examples), val_fraction=val_fraction),
-                                                self.target_precision)
+                                                self.target_precision, min_score=min_score)
         if self._calibration["min_prob"] is None:
             log.warning("LearnedMaskVerifier: no threshold reaches precision %s on %d held-out proposals of %s: "
                         "it keeps nothing", self.target_precision, self._calibration["rows"], examples)
@@ -185,8 +187,9 @@ class LearnedExhaustivityVerifier(_Learned):
 
 def bind_round_verifiers(chain: Any, round_dir: str | os.PathLike) -> None:
     """Point the chain's learned verifiers that name no checkpoint at the ones the round trained;
-    fails naming the round when it trained none."""
-    for verifier in chain.verifiers:
+    fails naming the round when it trained none. An MV with ``target_precision`` is calibrated on the
+    round's held-out examples behind the chain's score checks that run before it."""
+    for i, verifier in enumerate(chain.verifiers):
         if isinstance(verifier, (LearnedMaskVerifier, LearnedExhaustivityVerifier)) and verifier.checkpoint is None:
             path = verifier_checkpoint(round_dir, verifier.kind)
             if not path.is_file():
@@ -195,8 +198,9 @@ def bind_round_verifiers(chain: Any, round_dir: str | os.PathLike) -> None:
             verifier.bind(path)
             if isinstance(verifier, LearnedMaskVerifier) and verifier.target_precision is not None:
                 config = yaml.safe_load((path.parent / verifier_config_name(verifier.kind)).read_text())
+                gate = max((v.min_score for v in chain.verifiers[:i] if isinstance(v, ScoreVerifier)), default=0.0)
                 found = verifier.calibrate(path.parent / EXAMPLES_FILES[verifier.kind],
-                                           val_fraction=config.get("data", {}).get("val_fraction", 0.2))
+                                           val_fraction=config.get("data", {}).get("val_fraction", 0.2), min_score=gate)
                 log.info("%s: MV threshold %s for held-out precision %s (precision %s, recall %s on %d proposals)",
                          round_dir, found["min_prob"], verifier.target_precision, found["precision"],
                          found["recall"], found["rows"])
@@ -232,3 +236,9 @@ class ShardImages:
             image = image_tensor(f.read(size))
         self._last = (key, image)
         return image
+
+
+def calibrations(chain: Any) -> dict[str, dict[str, Any]]:
+    """``{verifier name: calibration}`` of the chain's calibrated verifiers (for the write stage's marker)."""
+    return {v.name: v.calibration for v in chain.verifiers
+            if isinstance(v, LearnedMaskVerifier) and v.calibration is not None}

@@ -89,24 +89,28 @@ def score_examples(module: VerifierModule, data: VerifierData, part: str = "val"
 
 
 @torch.no_grad()
-def precision_threshold(module: VerifierModule, data: VerifierData, target: float, part: str = "val"
-                        ) -> dict[str, Any]:
-    """The lowest acceptance probability at which a trained verifier's "accept" reaches precision
-    ``target`` on one part of its examples, counting only the rows made from the detector's proposals
-    (``evidence`` 1: what the chain judges; perturbed ground-truth rows are left out), with the recall
-    there. ``min_prob`` is None when no threshold reaches the target. Of the thresholds that reach it, the
-    lowest keeps the most (the highest recall); tied probabilities are cut together."""
+def precision_threshold(module: VerifierModule, data: VerifierData, target: float, part: str = "val",
+                        min_score: float = 0.0) -> dict[str, Any]:
+    """The lowest acceptance probability at which a trained MV's "accept" reaches precision ``target`` on
+    one part of its examples, counting only the rows made from the detector's proposals with a score of
+    at least ``min_score`` (``evidence`` 1: what the chain judges behind its score check; perturbed
+    ground-truth rows are left out), with the recall there. ``min_prob`` is None when no threshold
+    reaches the target. Of the thresholds that reach it, the lowest keeps the most (the highest recall);
+    tied probabilities are cut together. The examples keep at most ``max_rejects_per_pair`` rejected
+    proposals a pair (examples.py), so the precision measured here can be above the pool's."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target precision must lie in (0, 1], got {target}")
     data.setup("fit")
     module = module.eval()
     probs, labels = [], []
     for batch in DataLoader(data.parts[part], batch_size=256):
-        evidence = batch["stats"][:, 0] > 0.5  # features.MASK_STATS / SET_STATS: "evidence" comes first
+        # features.MASK_STATS: "evidence" first, then the detector's "score"
+        evidence = (batch["stats"][:, 0] > 0.5) & (batch["stats"][:, 1] >= min_score)
         probs.append(module(batch).sigmoid()[evidence])
         labels.append(batch["labels"][evidence] > 0.5)
     p, y = torch.cat(probs), torch.cat(labels)
-    result: dict[str, Any] = {"target": target, "rows": len(p), "positives": int(y.sum()), "min_prob": None,
+    result: dict[str, Any] = {"target": target, "min_score": min_score, "rows": len(p), "positives": int(y.sum()),
+                              "min_prob": None,
                               "precision": None, "recall": None}
     if not len(p) or not bool(y.any()):
         return result
