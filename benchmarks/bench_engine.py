@@ -37,15 +37,15 @@ stripped) is the unlabelled pool. Per seed (``seed_everything``; the split is th
 Every student trains from the same initialisation (``fit_from: base``) with the same budget and is
 evaluated on the held-out test split; the gap closed by the last round is (last - student round 0) /
 (full - student round 0), in both from-scratch regimes against the same student round 0; in the
-transfer regime (last - transfer round 0) / (transfer-full - transfer round 0), per seed (the worst seed
-is the aim's figure). Per round it reports what
-the chain kept and rejected, how good the written pseudo-labels are against the pool's withheld labels
-(``audit.pseudo_label_quality``), and every chain's decisions on the same proposals
-(``audit.round_verifier_quality``: the heuristic chain of configs/engine/shapes.yaml, the learned one
-the round trained, and the same with its MV at a held-out precision target of 0.85,
-configs/engine/shapes_learned_precision.yaml: scored, not written). Mean and spread (min, max) over the seeds. Every run goes through the real
-front (``tools/data_engine.py run``, in subprocesses), so the benchmark is resumable: run the same
-command again after an interruption. ``--jobs N`` runs N seeds at once, each with cpus / N threads.
+transfer regime (last - transfer round 0) / (transfer-full - transfer round 0), per seed (the worst
+seed is the aim's figure). Per round it reports what the chain kept and rejected, how good the written
+pseudo-labels are against the pool's withheld labels (``audit.pseudo_label_quality``), and every
+chain's decisions on the same proposals (``audit.round_verifier_quality``: the heuristic chain of
+configs/engine/shapes.yaml, the learned one the round trained, and the same with its MV at a held-out
+precision target of 0.85, configs/engine/shapes_learned_precision.yaml: scored, not written). Mean and
+spread (min, max) over the seeds. Every run goes through the real front (``tools/data_engine.py run``,
+in subprocesses), so the benchmark is resumable: run the same command again after an interruption.
+``--jobs N`` runs N seeds at once, each with cpus / N threads.
 Printed and saved as JSON (``--out``).
 """
 
@@ -74,8 +74,8 @@ QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112
          "data.max_phrases_per_image=3", "engine.split_shards=4", "engine.num_workers=0", "engine.max_detections=5"]
 
 # The transfer regime's shifted domain: 10% of 1,000 training images labelled (100 labelled, a pool of
-# 900: the learned write stage costs ~1 s an image on this CPU), 48 validation images (checkpoint choice is not used: the last weights are
-# evaluated) and the 200-image test split.
+# 900: the learned write stage costs ~1 s an image on this CPU), 48 validation images (checkpoint
+# choice is not used: the last weights are evaluated) and the 200-image test split.
 TRANSFER_SPLITS = {"train": 1000, "val": 48, "test": 200}
 # Below this gap (cgF1 points) between round 0 and the 100%-label reference, "gap recovered" divides
 # by noise and is not reported: twice the seed spread of the 400-step transfer fine-tunes (0.21).
@@ -119,11 +119,16 @@ def quick_base(work: Path) -> Path:
     return folder
 
 
+def engine_command(configs: list[str], work_dir: Path, overrides: list[str]) -> list[str]:
+    """The ``tools/data_engine.py run`` command of ``configs`` (in order) into ``work_dir``, run from the repo."""
+    options = [a for c in configs for a in ("--config", str(c))]
+    return [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work_dir}", *overrides]
+
+
 def run_engine(configs: list[str], work_dir: Path, overrides: list[str], *, threads: int | None = None,
                log: Path | None = None) -> None:
     """One ``tools/data_engine.py run`` in a subprocess (with ``threads`` intra-op threads; output to ``log``)."""
-    options = [a for c in configs for a in ("--config", c)]
-    command = [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work_dir}", *overrides]
+    command = engine_command(configs, work_dir, overrides)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     print("$", " ".join(command) + (f"  > {log}" if log else ""), flush=True)
     if log is None:
@@ -327,7 +332,7 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
     proposed; the learned chain once its verifiers are trained), and what its own chain wrote and how
     good that is (once written), against the pool's withheld labels."""
     from sam3_train.engine.audit import round_verifier_quality
-    from sam3_train.engine.manifest import PROPOSED, VERIFIED, WRITTEN
+    from sam3_train.engine.manifest import PROPOSED, VERIFIED, WRITTEN, file_sha256
 
     split = json.loads((engine_dir / "split" / "split.json").read_text())
     labelled = [u if Path(u).is_absolute() else str(REPO / u) for u in split["params"]["urls"]]
@@ -337,8 +342,8 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
         if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
             continue
         key = " ".join([name, str(audit_images), "negatives", json.dumps(chain.thresholds(), sort_keys=True),
-                        *(file_digest(p) for p in sorted(round_dir.glob(
-            "proposals-rank*/proposals.jsonl.gz"))), *(file_digest(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
+                        *(file_sha256(p) for p in sorted(round_dir.glob(
+            "proposals-rank*/proposals.jsonl.gz"))), *(file_sha256(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
         cache = engine_dir.parent.parent / "decisions.json"  # the strong regime's seeds share round 1's
         known = json.loads(cache.read_text()) if cache.is_file() else {}  # proposals and verifiers; reruns
         if key not in known:
@@ -350,12 +355,6 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
     return {"chain": verifier_report(written["counts"]) if written else None,
             "pseudo_labels": label_quality(engine_dir, round_dir, written) if written else None,
             "decisions": decisions}
-
-
-def file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_report(engine_dir: Path, chains: dict[str, list[str]], audit_images: int | None) -> list[dict]:
@@ -413,8 +412,7 @@ def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str]
         # the reference first: an interrupted benchmark can already read the gap of its finished rounds
         run("transfer-full", [*base_t, "engine.labelled_fraction=1.0", "engine.rounds=0"], configs_t)
         run("transfer", base_t, configs_t)
-        if regimes == ["transfer"]:
-            return
+        return  # the transfer regime runs alone (demonstration)
     if "weak" in regimes:
         run("weak", base)
     if "strong" in regimes:
@@ -445,9 +443,10 @@ def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes:
         result["transfer-full"] = metrics("transfer-full")
     runs = {regime: run_report(root / regime, chains, audit_images) for regime in regimes}
     for regime, rows in runs.items():
-        # the gap's two ends: the from-scratch regimes share the student's round 0 and the full model
-        reference = "transfer-full" if regime == "transfer" else "full"
-        student0 = cgf1(rows[0] if regime == "transfer" and rows else (runs["weak"][0] if runs.get("weak") else None))
+        # the gap's two ends: the transfer regime's own round 0 and reference; the from-scratch regimes
+        # share the weak student's round 0 and the full model
+        reference, first = ("transfer-full", rows) if regime == "transfer" else ("full", runs.get("weak"))
+        student0 = cgf1(first[0]) if first else None
         best = result[reference]["test/cgF1"] if result.get(reference) else None
         known = None not in (student0, best) and best - student0 >= (MIN_GAP if regime == "transfer" else 0.0)
         gaps = [(cgf1(r) - student0) / (best - student0) if known and cgf1(r) is not None else None for r in rows[1:]]

@@ -37,16 +37,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TOOL = REPO / "tools" / "data_engine.py"
-CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
+from bench_engine import CONFIGS, engine_command  # noqa: E402  (the demonstration's engine configs)
+
+from sam3_train.engine.manifest import KILL_ENV  # noqa: E402
+
 BATCH = 8  # images per propose forward (engine.batch_size)
-KILL_ENV = "SAM3_ENGINE_KILL_AT"
 
 
-def engine_command(work: Path, overrides: list[str], stop_after: str | None = None) -> list[str]:
-    options = [a for c in CONFIGS for a in ("--config", str(REPO / c))]
-    return [sys.executable, str(TOOL), "run", *options, f"engine.work_dir={work}", *overrides,
-            *(["--stop-after", stop_after] if stop_after else []), "--quiet"]
+def stage_command(work: Path, overrides: list[str], stop_after: str | None = None) -> list[str]:
+    """The engine's run (configs/shapes_tiny.yaml + configs/engine/shapes.yaml), quiet, up to ``stop_after``."""
+    return [*engine_command(CONFIGS, work, overrides), *(["--stop-after", stop_after] if stop_after else []), "--quiet"]
 
 
 def tree_rss(root: int) -> tuple[int, int]:
@@ -106,7 +106,7 @@ def make_proposer(work: Path, *, image_size: int, steps: int, log: Path) -> Path
                      f"data.image_size={image_size}", f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps}",
                      f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1", "data.num_workers=0",
                      "engine.rounds=0", "engine.labelled_fraction=1.0", "seed_everything=0"]
-        result = run_stage(engine_command(work / "proposer", overrides), log)
+        result = run_stage(stage_command(work / "proposer", overrides), log)
         if result["returncode"] != 0 or not ckpt.is_file():
             raise SystemExit(f"bench_engine_pool: the proposer did not train (see {log})")
     return ckpt
@@ -149,7 +149,7 @@ def pool_run(work: Path, *, images: int, image_size: int, proposer: Path, phrase
                  "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.num_nodes=1"]
     stages, kills = {}, {}
     for stage, point, nth in (("propose", "propose-batch", images // 2 // BATCH // 2), ("write", "write", images // 4)):
-        command = engine_command(engine_dir, overrides, stop_after=stage)
+        command = stage_command(engine_dir, overrides, stop_after=stage)
         if kill:
             killed = run_stage(command, log, env={KILL_ENV: f"{point}:{max(nth, 1)}"})
             kills[stage] = {"at": f"{point}:{max(nth, 1)}", "seconds": round(killed["seconds"], 1),

@@ -125,15 +125,14 @@ class LearnedMaskVerifier(_Learned):
     def calibration(self) -> dict[str, Any] | None:
         return self._calibration
 
-    def calibrate(self, examples: str | os.PathLike, val_fraction: float, min_score: float = 0.0) -> dict[str, Any]:
-        """Set the acceptance threshold from ``target_precision`` on the held-out rows of ``examples``
-        scored at least ``min_score`` (the score check the chain runs before this verifier)."""
-        module = self._net(None)
-        self._calibration = precision_threshold(module, VerifierData(examples=str(examples), val_fraction=val_fraction),
-                                                self.target_precision, min_score=min_score)
+    def calibrate(self, data: VerifierData, min_score: float = 0.0) -> dict[str, Any]:
+        """Set the acceptance threshold from ``target_precision`` on the held-out rows of ``data`` (the
+        examples the verifier was fitted on) scored at least ``min_score`` (the score check the chain
+        runs before this verifier)."""
+        self._calibration = precision_threshold(self._net(None), data, self.target_precision, min_score=min_score)
         if self._calibration["min_prob"] is None:
             log.warning("LearnedMaskVerifier: no threshold reaches precision %s on %d held-out proposals of %s: "
-                        "it keeps nothing", self.target_precision, self._calibration["rows"], examples)
+                        "it keeps nothing", self.target_precision, self._calibration["rows"], data.examples)
         return self._calibration
 
     def _threshold(self) -> float:
@@ -197,10 +196,11 @@ def bind_round_verifiers(chain: Any, round_dir: str | os.PathLike) -> None:
                                         "set its checkpoint or engine.verifier_training")
             verifier.bind(path)
             if isinstance(verifier, LearnedMaskVerifier) and verifier.target_precision is not None:
+                # the fit's own data settings (its held-out split), its examples found beside the checkpoint
                 config = yaml.safe_load((path.parent / verifier_config_name(verifier.kind)).read_text())
+                data = VerifierData(**{**config.get("data", {}), "examples": str(path.parent / EXAMPLES_FILES[verifier.kind])})
                 gate = max((v.min_score for v in chain.verifiers[:i] if isinstance(v, ScoreVerifier)), default=0.0)
-                found = verifier.calibrate(path.parent / EXAMPLES_FILES[verifier.kind],
-                                           val_fraction=config.get("data", {}).get("val_fraction", 0.2), min_score=gate)
+                found = verifier.calibrate(data, min_score=gate)
                 log.info("%s: MV threshold %s for held-out precision %s (precision %s, recall %s on %d proposals)",
                          round_dir, found["min_prob"], verifier.target_precision, found["precision"],
                          found["recall"], found["rows"])

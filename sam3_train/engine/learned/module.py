@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAccuracy
 
+from sam3_train.engine.learned.features import MASK_STATS
 from sam3_train.engine.learned.nets import CHANNELS, NUM_STATS, Kind, VerifierNet
 
 if TYPE_CHECKING:
@@ -73,22 +74,31 @@ class VerifierModule(L.LightningModule):
 
 
 @torch.no_grad()
+def held_out(module: VerifierModule, data: VerifierData, part: str = "val"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probability of "accept" [N], label [N] bool, statistics [N, S]) of a trained verifier on every
+    row of one part of its examples."""
+    data.setup("fit")
+    module = module.eval()
+    probs, labels, stats = [], [], []
+    for batch in DataLoader(data.parts[part], batch_size=256):
+        probs.append(module(batch).sigmoid())
+        labels.append(batch["labels"] > 0.5)
+        stats.append(batch["stats"])
+    return torch.cat(probs), torch.cat(labels), torch.cat(stats)
+
+
 def score_examples(module: VerifierModule, data: VerifierData, part: str = "val", min_prob: float = 0.5
                    ) -> dict[str, Any]:
     """Accuracy, and precision / recall of "accept", of a trained verifier on one part of its examples."""
-    data.setup("fit")
-    module = module.eval()
-    tp = fp = fn = right = rows = 0
-    for batch in DataLoader(data.parts[part], batch_size=256):
-        predicted, truth = module(batch).sigmoid() >= min_prob, batch["labels"] > 0.5
-        tp, fp = tp + int((predicted & truth).sum()), fp + int((predicted & ~truth).sum())
-        fn, right = fn + int((~predicted & truth).sum()), right + int((predicted == truth).sum())
-        rows += len(truth)
+    probs, truth, _ = held_out(module, data, part)
+    predicted = probs >= min_prob
+    tp, fp = int((predicted & truth).sum()), int((predicted & ~truth).sum())
+    fn, right, rows = int((~predicted & truth).sum()), int((predicted == truth).sum()), len(truth)
     share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
     return {"rows": rows, "accuracy": share(right, rows), "precision": share(tp, tp + fp), "recall": share(tp, tp + fn)}
 
 
-@torch.no_grad()
 def precision_threshold(module: VerifierModule, data: VerifierData, target: float, part: str = "val",
                         min_score: float = 0.0) -> dict[str, Any]:
     """The lowest acceptance probability at which a trained MV's "accept" reaches precision ``target`` on
@@ -100,18 +110,11 @@ def precision_threshold(module: VerifierModule, data: VerifierData, target: floa
     proposals a pair (examples.py), so the precision measured here can be above the pool's."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target precision must lie in (0, 1], got {target}")
-    data.setup("fit")
-    module = module.eval()
-    probs, labels = [], []
-    for batch in DataLoader(data.parts[part], batch_size=256):
-        # features.MASK_STATS: "evidence" first, then the detector's "score"
-        evidence = (batch["stats"][:, 0] > 0.5) & (batch["stats"][:, 1] >= min_score)
-        probs.append(module(batch).sigmoid()[evidence])
-        labels.append(batch["labels"][evidence] > 0.5)
-    p, y = torch.cat(probs), torch.cat(labels)
+    probs, labels, stats = held_out(module, data, part)
+    judged = (stats[:, MASK_STATS.index("evidence")] > 0.5) & (stats[:, MASK_STATS.index("score")] >= min_score)
+    p, y = probs[judged], labels[judged]
     result: dict[str, Any] = {"target": target, "min_score": min_score, "rows": len(p), "positives": int(y.sum()),
-                              "min_prob": None,
-                              "precision": None, "recall": None}
+                              "min_prob": None, "precision": None, "recall": None}
     if not len(p) or not bool(y.any()):
         return result
     p, order = p.sort(descending=True)
