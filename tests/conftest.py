@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -215,9 +216,13 @@ def label_studio(tmp_path_factory):
             time.sleep(2)
         yield {"url": url, "root": root, "client": connect(url=url, api_key=LABEL_STUDIO_TOKEN)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and anything it started
+        # the server's own session: it and anything it started. A server that exited at start has no group
+        # left, and its ProcessLookupError would hide the failure above that shows the server's log.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
