@@ -42,7 +42,8 @@ seed is the aim's figure). Per round it reports what the chain kept and rejected
 pseudo-labels are against the pool's withheld labels (``audit.pseudo_label_quality``), and every
 chain's decisions on the same proposals (``audit.round_verifier_quality``: the heuristic chain of
 configs/engine/shapes.yaml, the learned one the round trained, and the same with its MV at a held-out
-precision target of 0.85, configs/engine/shapes_learned_precision.yaml: scored, not written). Mean and
+precision target of 0.85, configs/engine/shapes_learned_precision.yaml: scored, and written with
+``--chain learned-p85``). Mean and
 spread (min, max) over the seeds. Every run goes through the real front (``tools/data_engine.py run``,
 in subprocesses), so the benchmark is resumable: run the same command again after an interruption.
 ``--jobs N`` runs N seeds at once, each with cpus / N threads.
@@ -66,7 +67,7 @@ TOOL = REPO / "tools" / "data_engine.py"
 METRICS = ("test/cgF1", "test/box_cgF1", "test/IL_MCC", "test/pmF1")
 CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]
 LEARNED = "configs/engine/shapes_learned.yaml"
-PRECISION = "configs/engine/shapes_learned_precision.yaml"  # MV at a held-out precision target (scored only)
+PRECISION = "configs/engine/shapes_learned_precision.yaml"  # MV at a held-out precision target
 # A CPU smoke scale: 40 / 8 / 8 images at 112 px, three steps per model.
 QUICK = ["data.shapes_splits={train: 40, val: 8, test: 8}", "data.image_size=112", "trainer.max_steps=3",
          "data.steps_per_epoch=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
@@ -511,11 +512,11 @@ def demonstration(args: argparse.Namespace) -> None:
     if "transfer" in args.regimes and len(args.regimes) > 1:
         raise SystemExit("bench_engine: run the transfer regime on its own (--regimes transfer): it has its own "
                          "domain, base and reference")
-    learned = args.chain == "learned"
+    learned = args.chain != "heuristic"
     args.audit_images = args.audit_images or None
-    configs = args.config or [*CONFIGS, *([LEARNED] if learned else [])]
     chains = {"heuristic": CONFIGS, **({"learned": [*CONFIGS, LEARNED], "learned-p85": [*CONFIGS, LEARNED, PRECISION]}
                                        if learned else {})}
+    configs = args.config or chains[args.chain]
     suffix = "_quick" if args.quick else ""
     work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")
@@ -624,10 +625,12 @@ def print_result(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="engine config files, in order (default: "
-                        f"{' then '.join(CONFIGS)}, then {LEARNED} with --chain learned)")
+                        f"{' then '.join(CONFIGS)}, then {LEARNED} with --chain learned, and {PRECISION} with "
+                        "--chain learned-p85)")
     parser.add_argument("--quick", action="store_true", help="tiny scale (a handful of steps): checks the pipeline")
-    parser.add_argument("--chain", choices=["learned", "heuristic"], default="learned",
-                        help="the verifiers that write the pseudo-labels (default learned; both are scored)")
+    parser.add_argument("--chain", choices=["learned", "learned-p85", "heuristic"], default="learned",
+                        help="the verifiers that write the pseudo-labels (default learned; learned-p85: its MV at a "
+                             "held-out precision target of 0.85; every chain is scored)")
     parser.add_argument("--regimes", nargs="+", choices=["weak", "strong", "transfer"], default=["weak", "strong"],
                         help="weak and strong: from scratch (default); transfer: a pretrained --base on a new domain")
     parser.add_argument("--base", help="transfer: the pretrained base, an HF folder (bench_finetune.py's OUT/base/hf)")
