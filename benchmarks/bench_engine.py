@@ -342,7 +342,10 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
         chain, miner = chain_of(configs)
         if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
             continue
-        key = " ".join([name, str(audit_images), "negatives", json.dumps(chain.thresholds(), sort_keys=True),
+        # keyed by what the audit scores: the chain's thresholds, the miner's and its guards' sweep
+        guards = ["presence", "skip_doubted"]
+        key = " ".join([name, str(audit_images), "negatives", json.dumps([miner.params(), guards], sort_keys=True),
+                        json.dumps(chain.thresholds(), sort_keys=True),
                         *(file_sha256(p) for p in sorted(round_dir.glob(
             "proposals-rank*/proposals.jsonl.gz"))), *(file_sha256(p) for p in sorted(round_dir.glob("verifiers/*.ckpt")))])
         cache = engine_dir.parent.parent / "decisions.json"  # the strong regime's seeds share round 1's

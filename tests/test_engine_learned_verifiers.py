@@ -18,7 +18,8 @@ from conftest import write_shards
 from PIL import Image
 
 from sam3_train.data import rle as rle_ops
-from sam3_train.engine import Candidate, ExhaustivityVerifier, HardNegativeMiner, ScoreVerifier, VerifierChain
+from sam3_train.engine import (Candidate, ExhaustivityVerifier, HardNegativeMiner, ScoreVerifier, StabilityVerifier,
+                               VerifierChain)
 from sam3_train.engine.audit import verifier_quality
 from sam3_train.engine.candidates import candidate_record
 from sam3_train.atomic import write_json_atomic
@@ -318,8 +319,23 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
                          "max_presence 0.05": {"mined": 0, "wrong": 0, "wrong_share": None},
                          "max_presence 0.1": {"mined": 0, "wrong": 0, "wrong_share": None},
                          "max_presence 0.2": {"mined": 0, "wrong": 0, "wrong_share": None},
-                         "max_presence 0.3": {"mined": 1, "wrong": 0, "wrong_share": 0.0}}
+                         "max_presence 0.3": {"mined": 1, "wrong": 0, "wrong_share": 0.0},
+                         # no verifier doubted either pair
+                         "skip_doubted": {"mined": 2, "wrong": 1, "wrong_share": 0.5}}
     assert verifier_quality(proposals=[folder], labelled=labelled, chain=strict)["negatives"] is None
+    # The guard: an exhaustivity band (0.5, 0.7) doubts square (0.65 and 0.6 in it), not star (0.4). As
+    # given, both are mined (square wrongly); skipping doubted pairs, only star.
+    doubting = VerifierChain(verifiers=[ScoreVerifier(min_score=0.95), ExhaustivityVerifier(low=0.5, high=0.7)])
+    guarded = verifier_quality(proposals=[folder], labelled=labelled, chain=doubting, miner=miner)["negatives"]
+    assert guarded["as_given"] == {"mined": 2, "wrong": 1, "wrong_share": 0.5}
+    assert guarded["skip_doubted"] == {"mined": 1, "wrong": 0, "wrong_share": 0.0}
+    # A pair a mask check emptied is no doubt: square's instances dropped by a stability check that can
+    # never pass (IoU >= 1.01) is still mined with the guard (no exhaustivity verifier judged it).
+    masking = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), StabilityVerifier(min_iou=1.01)])
+    emptied = verifier_quality(proposals=[folder], labelled=labelled, chain=masking, miner=miner)["negatives"]
+    assert emptied["as_given"] == emptied["skip_doubted"] == {"mined": 2, "wrong": 1, "wrong_share": 0.5}
+    assert HardNegativeMiner(skip_doubted=True).params()["skip_doubted"] is True
+    assert "skip_doubted" not in miner.params()  # rounds recorded before the option keep their thresholds
 
 
 # ---------------------------------------------------------------------------------------- the engine stage

@@ -109,8 +109,11 @@ def test_chain_counts_add_up_and_mask_rejections_make_a_pair_non_exhaustive():
     assert v.kept == {"score": 3, "stability": 2, "flip": 1, "exhaustivity": 1}
     assert sum(v.rejected.values()) + int(v.keep.sum()) == c.num_instances
     assert v.exhaustive is False and v.needs_review  # a believed instance was dropped for its mask
+    assert v.doubted_by == ()  # ... which no verifier judged incomplete (scores 0.9, 0.85, 0.8, 0.05: no doubt)
     clean = chain()(candidate([0.9, 0.05], [good, other]))
     assert clean.exhaustive is True and not clean.needs_review and clean.keep.tolist() == [True, False]
+    doubted = chain()(candidate([0.9, 0.45], [good, other]))  # 0.45 in the exhaustivity band
+    assert doubted.exhaustive is False and doubted.doubted_by == ("exhaustivity",)
     assert chain().thresholds()["stability"] == {"min_iou": 0.8}
     with pytest.raises(ValueError, match="unique"):
         VerifierChain(verifiers=[ScoreVerifier(), ScoreVerifier()])

@@ -105,15 +105,16 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
     does; nothing excluded: the pool holds no instances): ``negatives`` counts the mined phrases and
     the wrong ones (the image has instances of the phrase), for the miner as given and for copies of
     it with each of ``max_presences`` (its guard: the detector's presence probability must stay below
-    it), on the same verdicts; ``absent_pairs`` is how many pairs are truly absent (what a perfect
-    miner could draw from).
+    it) and with ``skip_doubted`` (an exhaustivity verifier's verdict on the empty set as the guard), on the same
+    verdicts; ``absent_pairs`` is how many pairs are truly absent (what a perfect miner could draw from).
     """
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
     m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
     e = {"pairs": 0, "right": 0, "said": 0, "said_right": 0, "complete": 0}
     pairs_seen = images = absent_pairs = 0
     miners = {} if miner is None else {"as_given": miner, **{
-        f"max_presence {p:g}": HardNegativeMiner(**{**miner.params(), "max_presence": p}) for p in max_presences}}
+        f"max_presence {p:g}": HardNegativeMiner(**{**miner.params(), "max_presence": p}) for p in max_presences},
+        "skip_doubted": HardNegativeMiner(**{**miner.params(), "skip_doubted": True})}
     mined = {name: {"mined": 0, "wrong": 0} for name in miners}
     for key, data, _, meta in read_samples(list(labelled)):
         index = next((i for i in indexes if key in i), None)

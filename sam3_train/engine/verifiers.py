@@ -168,6 +168,8 @@ class Verified:
         keep: [n] bool, instances every verifier accepted.
         rejected_by: per instance, the name of the first verifier that rejected it (None: kept).
         exhaustive: whether the pair may be written as exhaustive.
+        doubted_by: the verifiers whose verdict said the kept set may miss instances (``exhaustive``
+            False), as opposed to a pair made non-exhaustive by a mask check's drop.
         flags: reasons for review, prefixed with the verifier's name.
         kept, rejected: per verifier name, instances it kept / rejected among those alive when it ran.
     """
@@ -176,6 +178,7 @@ class Verified:
     keep: torch.Tensor
     rejected_by: list[str | None]
     exhaustive: bool
+    doubted_by: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
     kept: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -233,7 +236,7 @@ class VerifierChain:
     def __call__(self, candidate: Candidate, *, image: Any = None) -> Verified:
         alive = torch.ones(candidate.num_instances, dtype=torch.bool)
         rejected_by: list[str | None] = [None] * candidate.num_instances
-        exhaustive, flags = True, []
+        exhaustive, flags, doubted_by = True, [], []
         kept, rejected = {}, {}
         if self.needs_image:
             if image is None and self.images is not None:
@@ -253,12 +256,13 @@ class VerifierChain:
             kept[verifier.name], rejected[verifier.name] = int(alive.sum()), int(dropped.sum())
             if verdict.exhaustive is False:
                 exhaustive = False
+                doubted_by.append(verifier.name)
             if bool(dropped.any()) and not verifier.rejects_absent:
                 exhaustive = False
                 flags.append(f"{verifier.name}: rejected {int(dropped.sum())}")
             flags += [f"{verifier.name}: {f}" for f in verdict.flags]
         return Verified(candidate=candidate, keep=alive, rejected_by=rejected_by, exhaustive=exhaustive,
-                        flags=tuple(flags), kept=kept, rejected=rejected)
+                        doubted_by=tuple(doubted_by), flags=tuple(flags), kept=kept, rejected=rejected)
 
 
 def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain, *, image: Any = None
@@ -290,31 +294,40 @@ class HardNegativeMiner:
     A pair is a hard negative when all hold:
       - its top candidate score lies in ``[fire_low, fire_high)`` (the model fires, weakly);
       - no instance survived the verifier chain;
-      - its presence probability is below ``max_presence``.
+      - its presence probability is below ``max_presence``;
+      - with ``skip_doubted``: no verifier doubted that the (empty) kept set is complete. An exhaustive
+        pair with nothing kept is written as a negative anyway; mining adds the non-exhaustive ones, those
+        a mask check emptied (which the guard lets through: an exhaustivity verifier after it has judged
+        the empty set complete) and those a verifier doubted (which it skips).
 
     Args:
         fire_low, fire_high: the weak-firing band of the top score (probabilities).
         max_presence: presence probability at or above which the concept may be there after all.
         max_per_image: at most this many negatives per image, weakest presence first (None: no limit);
             too many negatives per image would swamp its positives in phrase sampling.
+        skip_doubted: never overrule a verifier's "something is missing" (an exhaustivity verifier's
+            verdict on the empty kept set). Without it 38% of the phrases mined on a transfer round were
+            present (docs/data_engine.md).
     """
 
     def __init__(self, *, fire_low: float = 0.05, fire_high: float = 0.5, max_presence: float = 0.3,
-                 max_per_image: int | None = None):
+                 max_per_image: int | None = None, skip_doubted: bool = False):
         if not 0.0 <= fire_low < fire_high <= 1.0:
             raise ValueError(f"HardNegativeMiner needs 0 <= fire_low < fire_high <= 1, got {fire_low}, {fire_high}")
         self.fire_low, self.fire_high = float(fire_low), float(fire_high)
         self.max_presence = float(max_presence)
         self.max_per_image = max_per_image
+        self.skip_doubted = bool(skip_doubted)
 
-    def params(self) -> dict[str, float | int | None]:
+    def params(self) -> dict[str, float | int | bool | None]:
+        # skip_doubted only when set: rounds recorded before it keep their thresholds
         return {"fire_low": self.fire_low, "fire_high": self.fire_high, "max_presence": self.max_presence,
-                "max_per_image": self.max_per_image}
+                "max_per_image": self.max_per_image, **({"skip_doubted": True} if self.skip_doubted else {})}
 
     def is_hard_negative(self, verified: Verified) -> bool:
         c = verified.candidate
         return (self.fire_low <= c.top_score < self.fire_high and not bool(verified.keep.any())
-                and c.presence < self.max_presence)
+                and c.presence < self.max_presence and not (self.skip_doubted and verified.doubted_by))
 
     def __call__(self, pairs: Iterable[Verified], *, exclude: Iterable[str] = ()) -> list[str]:
         """Phrases of one image's verified pairs to write as negatives, sorted.
