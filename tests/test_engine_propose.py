@@ -18,7 +18,7 @@ from sam3_train.data.batch import Batch
 from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.shards import ShardSink, expand_urls
 from sam3_train.engine.candidates import candidate_record, record_candidates
-from sam3_train.engine.proposal_files import ProposalFileWriter, ProposalIndex, proposals_file
+from sam3_train.engine.proposal_files import ProposalFileWriter, ProposalIndex, complete_records, proposals_file
 from sam3_train.engine.proposals import PhraseSelector, batch_candidates, flip_batch
 from sam3_train.engine.settings import DataEngine, load_config, round_fit_config
 from sam3_train.engine.sources import (
@@ -173,6 +173,37 @@ def test_damaged_proposals_files_fail_naming_the_file(tmp_path):
     (folder / "proposals.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
         proposals_file(folder)
+
+
+def test_a_killed_ranks_file_keeps_its_whole_records_and_goes_on_after_them(tmp_path):
+    folder = tmp_path / "round-001" / "proposals-rank000"
+    records = json.loads(json.dumps(_small_proposals(folder)))
+    path = proposals_file(folder)
+    data = path.read_bytes()
+    ends = [end for end, _ in complete_records(path)]
+    assert [r for _, r in complete_records(path)] == records and ends[-1] == len(data)
+    # Killed inside the last image's write: the whole ones stay, the rest is cut and written again.
+    path.write_bytes(data[:-7])
+    assert [r for _, r in complete_records(path)] == records[:-1]
+    with ProposalFileWriter(path, append_at=ends[-2]) as out:
+        out.write(records[-1])
+    assert path.read_bytes() == data  # the bytes of the uninterrupted file
+    # Damage in the middle (a flipped byte) ends the whole records there; an empty file has none.
+    broken = bytearray(data)
+    broken[(ends[0] + ends[1]) // 2] ^= 0xFF  # inside the second member's deflate stream
+    path.write_bytes(bytes(broken))
+    assert [r for _, r in complete_records(path)] == records[:1]
+    path.write_bytes(b"")
+    assert list(complete_records(path)) == []
+
+
+def test_a_stream_passes_over_excluded_keys_without_decoding_them(tmp_path, shapes_root):
+    urls = sorted(str(p) for p in (Path(shapes_root) / "shards" / "val").glob("*.tar"))
+    stream = lambda **kw: ShardStream(urls=urls, batch_size=4, transforms=lambda i, t, r: (i, t),  # noqa: E731
+                                      collate=lambda items: [t["key"] for _, t in items], **kw)
+    every = [k for batch in stream() for k in batch]
+    left = [k for batch in stream(exclude_keys=every[:5]) for k in batch]
+    assert left == every[5:] and stream(exclude_keys=every[:5]).skip_counter.value == 0  # not counted as bad
 
 
 def test_phrase_selector_asks_the_source_phrases_without_instances():

@@ -134,6 +134,7 @@ def test_uninterrupted_run_writes_both_rounds(finished):
 
 @pytest.mark.parametrize(("kill_at", "left"), [
     ("propose", "proposals.json"),             # proposed, nothing written yet
+    ("propose-batch:3", "proposals-rank000.tmp"),  # 12 of 32 images proposed: the rank resumes after them
     ("write:5", "shards-rank000.tmp"),         # five images into the shards
     ("fit", "model.ckpt"),                     # trained, not evaluated
 ])
@@ -151,6 +152,8 @@ def test_round_killed_then_rerun_equals_the_uninterrupted_round(finished, kill_a
     assert "round 0: finished, skipped" in output
     if kill_at == "propose":
         assert "propose with" not in output and "wrote 32 images" in output  # the proposals were reused
+    if kill_at.startswith("propose-batch"):  # the 12 proposed images were kept, not proposed again
+        assert "rank 0: 12 images proposed before, resumed after them" in output
     a, b = round_files(work_a / "round-001"), round_files(round_b)
     assert sorted(a) == sorted(b)
     for name in a:

@@ -36,7 +36,7 @@ import logging
 import multiprocessing as mp
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import webdataset as wds
@@ -135,6 +135,8 @@ class ShardStream(IterableDataset):
         draft_size: let JPEG decode at reduced scale down to about this side (speed; None: full size).
         sources: weighted training sources (mixing.py), each sample drawn from one by weight and
             tagged with its name (``target["source"]``); needs ``resampled``. None: ``urls`` as one set.
+        exclude_keys: sample keys read and passed over, not decoded (a resumed prediction pass: the
+            images it had done before it was killed).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class ShardStream(IterableDataset):
         skip_counter: SkipCounter | None = None,
         draft_size: int | None = None,
         sources: list[TrainSource] | None = None,
+        exclude_keys: Collection[str] | None = None,
     ):
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
@@ -176,6 +179,7 @@ class ShardStream(IterableDataset):
         if sources is not None and not resampled:
             raise ValueError("weighted training sources need resampled=True (each source is an endless stream)")
         self.sources = list(sources) if sources else None
+        self.exclude_keys = frozenset(exclude_keys or ())
         self._epoch = _SHARED.RawValue("q", 0)  # shared: persistent workers must see set_epoch from the main process
         self._resume: dict[str, Any] | None = None
 
@@ -289,6 +293,8 @@ class ShardStream(IterableDataset):
             if index < consumed:
                 continue  # used before the interruption: read (to replay the buffer), not decoded
             state["replaying"] = False
+            if sample.get("__key__") in self.exclude_keys:
+                continue
             rng = random.Random(f"sample-{self.seed}-{epoch}-{self.rank}-{worker}-{index}")
             try:
                 image, target = decode_sample(sample, select=self.select, rng=rng, draft_size=self.draft_size)

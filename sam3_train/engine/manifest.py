@@ -60,6 +60,7 @@ from sam3_train.dist import is_rank_zero
 FORMAT = 1
 TMP_SUFFIX = ".tmp"  # a folder being written; renamed into place when complete (files: PARTIAL_SUFFIX)
 SUMMARY = "summary.json"  # per-rank summary inside each proposals-rankNNN and shards-rankNNN folder
+START = "start.json"  # inside proposals-rankNNN: what the rank proposes from (a killed rank resumes on a match)
 PROPOSALS = "proposals.jsonl.gz"  # one gzip member per image, inside proposals-rankNNN (proposal_files.py)
 LEGACY_PROPOSALS = "proposals.jsonl"  # the earlier plain JSON lines, still read
 # The stages' markers (written last by each stage, in this order) and the fit's other files.

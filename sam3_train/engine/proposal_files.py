@@ -4,6 +4,7 @@
 
     with ProposalFileWriter(path) as out:     # the propose step appends images as it proposes them
         out.write(record)
+    for end, record in complete_records(path): ...   # what a killed rank had written (it resumes after)
     index = ProposalIndex(path)               # the write stage and review: an image by sample key
     record = index.get(key)
 
@@ -49,15 +50,24 @@ def proposals_file(folder: str | os.PathLike) -> Path:
 
 
 class ProposalFileWriter:
-    """Appends image records to a new proposals file, one gzip member each (sorted JSON keys)."""
+    """Appends image records to a new proposals file, one gzip member each (sorted JSON keys).
+    ``append_at``: continue an existing file after its first that many bytes (the rest, a write a
+    kill interrupted, is cut off; :func:`complete_records` finds the offset)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, append_at: int | None = None):
         self.path = Path(path)
-        self._file = open(self.path, "wb")
+        if append_at is None:
+            self._file = open(self.path, "wb")
+        else:
+            self._file = open(self.path, "r+b")
+            self._file.truncate(append_at)
+            self._file.seek(append_at)
 
-    def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        self._file.write(gzip.compress(line, compresslevel=COMPRESS_LEVEL, mtime=0))
+    def write(self, *records: dict[str, Any]) -> None:
+        """Append ``records`` in one write: a batch's, so that a kill leaves whole batches (a resumed rank
+        then batches the rest as an uninterrupted one would)."""
+        self._file.write(b"".join(gzip.compress((json.dumps(r, sort_keys=True) + "\n").encode(),
+                                                compresslevel=COMPRESS_LEVEL, mtime=0) for r in records))
 
     def flush(self) -> None:
         self._file.flush()
@@ -131,26 +141,55 @@ class ProposalIndex:
                 offset += len(line)
 
     def _members(self) -> Iterator[tuple[int, int, bytes]]:
-        """(offset, length, inflated bytes) of every gzip member, streaming through the file."""
-        with open(self.path, "rb") as f:
-            offset, fed, parts = 0, 0, []  # the member's start, its compressed bytes fed so far, its output
-            inflate = zlib.decompressobj(wbits=31)
-            pending = b""
-            while True:
+        try:
+            yield from _gzip_members(self.path)
+        except _Damaged as e:
+            raise self._damaged(str(e)) from e
+
+
+class _Damaged(Exception):
+    """A gzip member that does not inflate, or a file that ends inside one."""
+
+
+def _gzip_members(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, length, inflated bytes) of every gzip member of ``path``, streaming through the file."""
+    with open(path, "rb") as f:
+        offset, fed, parts = 0, 0, []  # the member's start, its compressed bytes fed so far, its output
+        inflate = zlib.decompressobj(wbits=31)
+        pending = b""
+        while True:
+            if not pending:
+                pending = f.read(_CHUNK)
                 if not pending:
-                    pending = f.read(_CHUNK)
-                    if not pending:
-                        break
-                try:
-                    parts.append(inflate.decompress(pending))
-                except zlib.error as e:
-                    raise self._damaged(f"the gzip member at byte {offset} is corrupt ({e})") from e
-                if not inflate.eof:
-                    fed, pending = fed + len(pending), b""
-                    continue
-                length = fed + len(pending) - len(inflate.unused_data)
-                yield offset, length, b"".join(parts)
-                offset, fed, parts, pending = offset + length, 0, [], inflate.unused_data
-                inflate = zlib.decompressobj(wbits=31)
-            if fed or any(parts):
-                raise self._damaged(f"the file ends inside the gzip member at byte {offset} (truncated)")
+                    break
+            try:
+                parts.append(inflate.decompress(pending))
+            except zlib.error as e:
+                raise _Damaged(f"the gzip member at byte {offset} is corrupt ({e})") from e
+            if not inflate.eof:
+                fed, pending = fed + len(pending), b""
+                continue
+            length = fed + len(pending) - len(inflate.unused_data)
+            yield offset, length, b"".join(parts)
+            offset, fed, parts, pending = offset + length, 0, [], inflate.unused_data
+            inflate = zlib.decompressobj(wbits=31)
+        if fed or any(parts):
+            raise _Damaged(f"the file ends inside the gzip member at byte {offset} (truncated)")
+
+
+def complete_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(end offset, record) of every whole record at the start of a proposals file a kill cut short,
+    in file order, read lazily: the first member that does not inflate or parse (the write the kill
+    interrupted, the only place damage can be) ends it. ``ProposalFileWriter(path, append_at=end)``
+    then continues after the last one."""
+    try:
+        for offset, length, text in _gzip_members(Path(path)):
+            try:
+                record = json.loads(text)
+            except ValueError:
+                return
+            if not isinstance(record, dict) or "key" not in record:
+                return
+            yield offset + length, record
+    except _Damaged:
+        return

@@ -26,6 +26,7 @@ A record (one JSON line per image; masks as COCO RLE at the original size)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -49,13 +50,14 @@ from sam3_train.dist import rank_and_world
 from sam3_train.engine.candidates import STABILITY_OFFSET, Candidate, candidate_from_logits, candidate_record
 from sam3_train.engine.manifest import (
     PROPOSALS,
+    START,
     SUMMARY,
     TMP_SUFFIX,
     fault_point,
     file_sha256,
     proposals_dir_name,
 )
-from sam3_train.engine.proposal_files import ProposalFileWriter
+from sam3_train.engine.proposal_files import ProposalFileWriter, complete_records
 from sam3_train.model.postprocess import detection_scores, postprocess
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ class ProposeData(L.LightningDataModule):
         self.tokenizer_path = tokenizer_path
         self.skip_counter = SkipCounter()
         self.urls: list[str] = []
+        self.exclude_keys: frozenset[str] = frozenset()  # set by ProposalWriter.setup on a resumed rank
         self._tokenizer = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -134,7 +137,7 @@ class ProposeData(L.LightningDataModule):
             transforms=eval_transforms(image_size=self.image_size, square=self.square_resize),
             collate=Collator(tokenizer=self._tokenizer), select=PhraseSelector(self.phrases),
             rank=rank, world_size=world, shuffle=False, skip_counter=self.skip_counter,
-            draft_size=self.image_size,
+            draft_size=self.image_size, exclude_keys=self.exclude_keys,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
@@ -246,33 +249,69 @@ class ProposeModule(L.LightningModule):
 class ProposalWriter(BasePredictionWriter):
     """Each rank writes ``{round_dir}/proposals-rankNNN/`` (``proposals.jsonl.gz`` + ``summary.json``:
     the pool shards it read, counts, the file's sha256) under a ``.tmp`` name, renamed when the rank
-    is done; then a barrier. Rank 0 writes the stage marker after it (rounds.py)."""
+    is done; then a barrier. Rank 0 writes the stage marker after it (rounds.py).
 
-    def __init__(self, *, round_dir: str | os.PathLike):
+    A rank killed in the middle resumes: its folder's ``start.json`` names what it proposes from
+    (``inputs``: the checkpoint and pool, as the stage marker; its rank, the world size and its pool
+    shards). When the rerun's are the same, the whole records of its file are kept, the pool images
+    they hold are read past and not proposed again (``ProposeData.exclude_keys``), and the file goes
+    on after them. A batch's records are appended in one write, so a kill leaves whole batches and,
+    with one loader worker, the rest is batched as an uninterrupted rank batches it: the finished file
+    has its bytes (tests/test_engine_rounds.py). With several workers the interleaving of their
+    batches may differ: the same records, in another order. Otherwise the folder starts afresh.
+    """
+
+    def __init__(self, *, round_dir: str | os.PathLike, inputs: dict[str, Any] | None = None):
         super().__init__(write_interval="batch")
         self.round_dir = Path(round_dir)
+        self.inputs = inputs
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # here, not in on_predict_start: the data module's loader (built between the two) must know
+        # which images to pass over before its workers start
+        data = trainer.datamodule
         name = proposals_dir_name(trainer.global_rank)
         self.final, self.tmp = self.round_dir / name, self.round_dir / (name + TMP_SUFFIX)
-        if self.tmp.exists():  # left by a killed run: incomplete by definition
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        self._file = ProposalFileWriter(self.tmp / PROPOSALS)
-        self._keys: set[str] = set()
+        start = json.loads(json.dumps({"inputs": self.inputs, "rank": trainer.global_rank,
+                                       "world_size": trainer.world_size, "urls": data.rank_urls}))
         self.counts = {"images": 0, "pairs": 0, "candidates": 0, "truncated_pairs": 0}
+        self._keys: set[str] = set()
+        if _started_as(self.final, start) and not self.tmp.exists():
+            self.final.rename(self.tmp)  # finished before another rank was killed: read past all of it
+        elif self.final.exists():
+            shutil.rmtree(self.final)
+        end = 0
+        if _started_as(self.tmp, start) and (self.tmp / PROPOSALS).is_file():
+            for end, record in complete_records(self.tmp / PROPOSALS):
+                self._count(record)
+        else:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+            write_json_atomic(self.tmp / START, start)
+            (self.tmp / PROPOSALS).touch()
+        self._file = ProposalFileWriter(self.tmp / PROPOSALS, append_at=end)
+        data.exclude_keys = frozenset(self._keys)
+        if self._keys:
+            log.info("rank %d resumes its proposals: %d images done before (kept), the rest of its %d shards "
+                     "next", trainer.global_rank, len(self._keys), len(data.rank_urls))
+            print(f"[data engine] rank {trainer.global_rank}: {len(self._keys)} images proposed before, resumed "
+                  "after them", flush=True)
+
+    def _count(self, record: dict[str, Any]) -> None:
+        if record["key"] in self._keys:
+            raise ValueError(f"sample key {record['key']} read twice by rank {self.final.name}: "
+                             "the pool has duplicate keys")
+        self._keys.add(record["key"])
+        self.counts["images"] += 1
+        self.counts["pairs"] += len(record["pairs"])
+        self.counts["candidates"] += sum(len(p["scores"]) for p in record["pairs"])
+        self.counts["truncated_pairs"] += sum(p["dropped"] > 0 for p in record["pairs"])
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for record in prediction:
-            if record["key"] in self._keys:
-                raise ValueError(f"sample key {record['key']} read twice by rank {trainer.global_rank}: "
-                                 "the pool has duplicate keys")
-            self._keys.add(record["key"])
-            self._file.write(record)
-            self.counts["images"] += 1
-            self.counts["pairs"] += len(record["pairs"])
-            self.counts["candidates"] += sum(len(p["scores"]) for p in record["pairs"])
-            self.counts["truncated_pairs"] += sum(p["dropped"] > 0 for p in record["pairs"])
+            self._count(record)
+        self._file.write(*prediction)
         self._file.flush()
         fault_point("propose-batch")
 
@@ -287,3 +326,11 @@ class ProposalWriter(BasePredictionWriter):
             shutil.rmtree(self.final)
         replace_dir(self.tmp, self.final)
         trainer.strategy.barrier("proposals written")
+
+
+def _started_as(folder: Path, start: dict[str, Any]) -> bool:
+    """Whether ``folder`` (a rank's proposals folder) was started for exactly ``start``."""
+    try:
+        return json.loads((folder / START).read_text()) == start
+    except (OSError, ValueError):
+        return False

@@ -103,7 +103,9 @@ def _remove(round_dir: Path, names: list[str]) -> None:
 _FIT = [FIT_DIR, FIT_CONFIG, FIT_INFO, MODEL, METRICS]
 _WRITE = [f"{SHARDS_PREFIX}*", f"{REVIEW_PREFIX}*", WRITTEN, *_FIT]
 DOWNSTREAM = {
-    "propose": [f"{PROPOSALS_PREFIX}*", PROPOSED, VERIFIERS_DIR, VERIFIED, *_WRITE],
+    # not its rank folders: a killed rank resumes from its own (proposals.ProposalWriter checks what
+    # it was started for and starts afresh otherwise)
+    "propose": [PROPOSED, VERIFIERS_DIR, VERIFIED, *_WRITE],
     # not its folder: each of its steps resumes from its own file (learned/stage.py)
     "verifiers": [VERIFIED, *_WRITE],
     "write": _WRITE,
@@ -279,12 +281,17 @@ class Engine:
         data = ProposeData(pool=pool, phrases=phrases, image_size=module.image_size,
                            batch_size=s.batch_size, num_workers=s.num_workers,
                            square_resize=data_args["square_resize"], tokenizer_path=data_args["tokenizer_path"])
-        trainer = L.Trainer(**trainer_kwargs(self.cfg), logger=False, callbacks=[ProposalWriter(round_dir=round_dir)],
+        trainer = L.Trainer(**trainer_kwargs(self.cfg), logger=False,
+                            callbacks=[ProposalWriter(round_dir=round_dir, inputs=inputs)],
                             default_root_dir=str(round_dir), enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=self.progress, use_distributed_sampler=False)
         trainer.predict(module, datamodule=data, return_predictions=False)  # ends with a barrier
         if is_rank_zero():
             counts, world = {}, trainer.world_size
+            for stale in round_dir.glob(f"{PROPOSALS_PREFIX}*"):  # of a killed run with more ranks
+                if stale.is_dir() and stale.name.removesuffix(TMP_SUFFIX) not in {
+                        proposals_dir_name(r) for r in range(world)}:
+                    shutil.rmtree(stale)
             for rank in range(world):
                 add_counts(counts, read_json(round_dir / proposals_dir_name(rank) / SUMMARY)["counts"])
             write_json_atomic(round_dir / PROPOSED, {"inputs": inputs, "world_size": world, "counts": counts})
