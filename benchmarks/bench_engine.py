@@ -521,7 +521,10 @@ def demonstration(args: argparse.Namespace) -> None:
                                        if learned else {})}
     configs = args.config or chains[args.chain]
     suffix = "_quick" if args.quick else ""
-    work = Path(args.work_dir or REPO / "runs" / f"bench_engine{suffix}").resolve()
+    # another writing chain, another folder: finished rounds are skipped, so a shared one would report
+    # the learned chain's rounds as another's
+    chain = "" if args.chain == "learned" else f"_{args.chain}"
+    work = Path(args.work_dir or REPO / "runs" / f"bench_engine{chain}{suffix}").resolve()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"engine{suffix}.json")
     quick = [*QUICK, f"data.shapes_root={work / 'shapes'}"] if args.quick else []
     steps = 3 if args.quick else args.steps

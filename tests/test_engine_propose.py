@@ -9,6 +9,7 @@ import json
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from sam3_train.data.pipeline import ShardStream
 from sam3_train.data.shards import ShardSink, expand_urls
 from sam3_train.engine.candidates import candidate_record, record_candidates
 from sam3_train.engine.proposal_files import ProposalFileWriter, ProposalIndex, complete_records, proposals_file
-from sam3_train.engine.proposals import PhraseSelector, batch_candidates, flip_batch
+from sam3_train.engine.proposals import PhraseSelector, ProposalWriter, batch_candidates, flip_batch
 from sam3_train.engine.settings import DataEngine, load_config, round_fit_config
 from sam3_train.engine.sources import (
     labelled_set_phrases,
@@ -202,8 +203,49 @@ def test_a_stream_passes_over_excluded_keys_without_decoding_them(tmp_path, shap
     stream = lambda **kw: ShardStream(urls=urls, batch_size=4, transforms=lambda i, t, r: (i, t),  # noqa: E731
                                       collate=lambda items: [t["key"] for _, t in items], **kw)
     every = [k for batch in stream() for k in batch]
-    left = [k for batch in stream(exclude_keys=every[:5]) for k in batch]
-    assert left == every[5:] and stream(exclude_keys=every[:5]).skip_counter.value == 0  # not counted as bad
+    resumed = stream(exclude_keys=every[:5])
+    left = [k for batch in resumed for k in batch]
+    assert len(every) == 16 and left == every[5:] and resumed.skip_counter.value == 0  # not counted as bad
+
+
+def test_a_proposing_rank_resumes_only_what_it_was_started_for(tmp_path):
+    """ProposalWriter.setup on folders a killed run left, with a stand-in trainer (rank, world size, the
+    data module's shards and batching): a match resumes, a finished rank is read past whole, anything
+    else starts afresh."""
+    records = json.loads(json.dumps(_small_proposals(tmp_path / "made")))
+    made = (tmp_path / "made" / "proposals.jsonl.gz").read_bytes()
+
+    def setup(*, rank=0, world=2, urls=("a.tar", "c.tar"), batch_size=4, inputs=None):
+        data = SimpleNamespace(rank_urls=list(urls), batch_size=batch_size, num_workers=1, exclude_keys=None)
+        trainer = SimpleNamespace(global_rank=rank, world_size=world, datamodule=data)
+        writer = ProposalWriter(round_dir=tmp_path / "round", inputs=inputs or {"checkpoint": "r0"})
+        writer.setup(trainer, SimpleNamespace(predict_step=lambda batch, batch_idx: None), "predict")
+        writer._file.close()
+        return writer, data
+
+    writer, data = setup()  # nothing there: a fresh folder with its start.json
+    assert data.exclude_keys == frozenset() and writer.tmp.name == "proposals-rank000.tmp"
+    assert json.loads((writer.tmp / "start.json").read_text())["urls"] == ["a.tar", "c.tar"]
+    (writer.tmp / "proposals.jsonl.gz").write_bytes(made[:-7])  # killed inside the third record
+    writer, data = setup()
+    assert data.exclude_keys == {r["key"] for r in records[:2]} and writer.counts["images"] == 2
+    assert writer.counts["candidates"] == 4 and writer.counts["pairs"] == 2
+    assert [r for _, r in complete_records(writer.tmp / "proposals.jsonl.gz")] == records[:2]  # the cut tail gone
+    # Another batch size, checkpoint or world size: started afresh, nothing read past.
+    for changed in ({"batch_size": 8}, {"inputs": {"checkpoint": "other"}}, {"world": 3}):
+        (writer.tmp / "proposals.jsonl.gz").write_bytes(made)
+        writer, data = setup(**changed)
+        assert data.exclude_keys == frozenset() and (writer.tmp / "proposals.jsonl.gz").read_bytes() == b""
+    # A rank that finished (renamed into place) before another rank was killed: read past whole.
+    writer, _ = setup()
+    (writer.tmp / "proposals.jsonl.gz").write_bytes(made)
+    writer.tmp.rename(writer.final)
+    writer, data = setup()
+    assert data.exclude_keys == {r["key"] for r in records} and not writer.final.exists() and writer.tmp.is_dir()
+    # ... unless it was started for something else: then it is removed and the rank starts afresh.
+    writer.tmp.rename(writer.final)
+    writer, data = setup(urls=("b.tar",))
+    assert data.exclude_keys == frozenset() and not writer.final.exists()
 
 
 def test_phrase_selector_asks_the_source_phrases_without_instances():

@@ -16,6 +16,7 @@ from sam3_train.engine import (
     VerifierChain,
     candidate_from_logits,
 )
+from sam3_train.engine.verifiers import verify_image
 from sam3_train.metrics.iou import mask_iou, rowwise_mask_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,6 +115,9 @@ def test_chain_counts_add_up_and_mask_rejections_make_a_pair_non_exhaustive():
     assert clean.exhaustive is True and not clean.needs_review and clean.keep.tolist() == [True, False]
     doubted = chain()(candidate([0.9, 0.45], [good, other]))  # 0.45 in the exhaustivity band
     assert doubted.exhaustive is False and doubted.doubted_by == ("exhaustivity",)
+    # detections cut at max_detections: more may be missing, a doubt too (and a review flag)
+    (cut,) = verify_image([(candidate([0.9, 0.05], [good, other]), 3)], chain())
+    assert cut.exhaustive is False and cut.doubted_by == ("propose",) and cut.needs_review
     assert chain().thresholds()["stability"] == {"min_iou": 0.8}
     with pytest.raises(ValueError, match="unique"):
         VerifierChain(verifiers=[ScoreVerifier(), ScoreVerifier()])

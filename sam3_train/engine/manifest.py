@@ -5,7 +5,7 @@ finishes a round. Every other module takes these names from here.
 
     {work_dir}/split/labelled/, pool/, split.json    SPLIT_DIR, SPLIT_MARKER (labelled_fraction: sources.py)
     {work_dir}/round-001/                        round_dir_name(1)
-      proposals-rank000/proposals.jsonl.gz, summary.json  proposals_dir_name(r), PROPOSALS, SUMMARY
+      proposals-rank000/proposals.jsonl.gz, summary.json, start.json  proposals_dir_name(r), PROPOSALS, SUMMARY, START
       proposals.json                             PROPOSED: the propose stage's marker
       verifiers/                                 VERIFIERS_DIR: the verifiers stage (engine.verifier_training)
         inputs.json, proposals-rank000/, proposals.json    VERIFIER_INPUTS, the labelled set's proposals
@@ -23,7 +23,8 @@ finishes a round. Every other module takes these names from here.
 
 A folder is built under its name + TMP_SUFFIX and renamed when complete; a file is written through
 ``sam3_train.atomic`` (a ``.partial`` file renamed over it). What a kill leaves of either is removed
-before the stage runs again (:func:`clean_unfinished`, rounds.py).
+before the stage runs again (:func:`clean_unfinished`, rounds.py), except a proposing rank's
+``.tmp`` folder: a rank started for the same inputs resumes from it (proposals.ProposalWriter).
 
 ``manifest.json`` (keys sorted, no timestamps: the same inputs give the same bytes)::
 

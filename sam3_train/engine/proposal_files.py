@@ -124,7 +124,8 @@ class ProposalIndex:
     def _damaged(self, reason: str) -> ValueError:
         marker = self.path.parent.parent / PROPOSED
         return ValueError(f"{self.path}: {reason}. The round's proposals are damaged: delete {marker} "
-                          "and run again to propose anew")
+                          f"and run again (the rank keeps its whole records before the damage and proposes "
+                          f"the rest; delete {self.path.parent} too to propose it all anew)")
 
     def _key(self, text: bytes, offset: int) -> str:
         match = _KEY.search(text)

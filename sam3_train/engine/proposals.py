@@ -269,11 +269,14 @@ class ProposalWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # here, not in on_predict_start: the data module's loader (built between the two) must know
         # which images to pass over before its workers start
+        super().setup(trainer, pl_module, stage)
         data = trainer.datamodule
         name = proposals_dir_name(trainer.global_rank)
         self.final, self.tmp = self.round_dir / name, self.round_dir / (name + TMP_SUFFIX)
+        # the batching too: the resumed rank must batch the rest as the killed one would have
         start = json.loads(json.dumps({"inputs": self.inputs, "rank": trainer.global_rank,
-                                       "world_size": trainer.world_size, "urls": data.rank_urls}))
+                                       "world_size": trainer.world_size, "urls": data.rank_urls,
+                                       "batch_size": data.batch_size, "num_workers": data.num_workers}))
         self.counts = {"images": 0, "pairs": 0, "candidates": 0, "truncated_pairs": 0}
         self._keys: set[str] = set()
         if _started_as(self.final, start) and not self.tmp.exists():

@@ -7,7 +7,8 @@
 ``{work_dir}/round-000`` trains on the labelled set alone (or adopts ``settings.checkpoint``);
 round k >= 1 proposes on the pool with round k-1's model. Each stage ends in one file, written
 atomically by rank 0 after a barrier, and a stage runs again only while its file is missing; what a
-killed attempt left of it is removed first, and nothing downstream of it can exist::
+killed attempt left of it is removed first (a proposing rank's folder excepted: it resumes, see
+proposals.ProposalWriter), and nothing downstream of it can exist::
 
     stage     its outputs                           its marker       kill point
     propose   proposals-rankNNN/ (each rank)        proposals.json   propose-batch, propose

@@ -169,7 +169,8 @@ class Verified:
         rejected_by: per instance, the name of the first verifier that rejected it (None: kept).
         exhaustive: whether the pair may be written as exhaustive.
         doubted_by: the verifiers whose verdict said the kept set may miss instances (``exhaustive``
-            False), as opposed to a pair made non-exhaustive by a mask check's drop.
+            False), and ``propose`` when the detections were cut at ``max_detections``
+            (:func:`verify_image`); not a mask check's drop, which also makes the pair non-exhaustive.
         flags: reasons for review, prefixed with the verifier's name.
         kept, rejected: per verifier name, instances it kept / rejected among those alive when it ran.
     """
@@ -278,6 +279,7 @@ def verify_image(pairs: Iterable[tuple[Candidate, int]], chain: VerifierChain, *
         verified = chain(candidate, image=image)
         if dropped:
             verified.exhaustive = False
+            verified.doubted_by = (*verified.doubted_by, "propose")  # more may be missing: a doubt
             verified.flags = (*verified.flags, f"propose: {dropped} detections above the floor not kept")
         out.append(verified)
     return out
@@ -295,10 +297,11 @@ class HardNegativeMiner:
       - its top candidate score lies in ``[fire_low, fire_high)`` (the model fires, weakly);
       - no instance survived the verifier chain;
       - its presence probability is below ``max_presence``;
-      - with ``skip_doubted``: no verifier doubted that the (empty) kept set is complete. An exhaustive
-        pair with nothing kept is written as a negative anyway; mining adds the non-exhaustive ones, those
-        a mask check emptied (which the guard lets through: an exhaustivity verifier after it has judged
-        the empty set complete) and those a verifier doubted (which it skips).
+      - with ``skip_doubted``: nothing doubted that the (empty) kept set is complete (``doubted_by``:
+        no verifier, no truncation at ``max_detections``). An exhaustive pair with nothing kept is
+        written as a negative anyway; mining adds the non-exhaustive ones, those a mask check emptied
+        (which the guard lets through: an exhaustivity verifier after it has judged the empty set
+        complete) and the doubted ones (which it skips).
 
     Args:
         fire_low, fire_high: the weak-firing band of the top score (probabilities).
