@@ -343,7 +343,7 @@ def round_report(engine_dir: Path, round_dir: Path, chains: dict[str, list[str]]
         if not (round_dir / PROPOSED).is_file() or (chain.needs_image and not (round_dir / VERIFIED).is_file()):
             continue
         # keyed by what the audit scores: the chain's thresholds, the miner's and its guards' sweep
-        guards = ["presence", "skip_doubted"]
+        guards = ["presence", "skip_doubted", "chain"]
         key = " ".join([name, str(audit_images), "negatives", json.dumps([miner.params(), guards], sort_keys=True),
                         json.dumps(chain.thresholds(), sort_keys=True),
                         *(file_sha256(p) for p in sorted(round_dir.glob(
@@ -499,6 +499,8 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
                 out[f"{regime} round {i} {chain} EV accuracy"] = spread([get(x, "exhaustivity", "accuracy") for x in d])
                 out[f"{regime} round {i} {chain} mined negatives wrong"] = spread(
                     [get(x, "negatives", "as_given", "wrong_share") for x in d])
+                out[f"{regime} round {i} {chain} its own negatives wrong"] = spread(
+                    [get(x, "negatives", "chain", "wrong_share") for x in d])
         out[f"{regime} gap recovered"] = spread([r["gap_recovered"] for r in runs])
         for i in range(max(len(r["gap_recovered_by_round"]) for r in runs)):
             out[f"{regime} gap recovered by round {i + 1}"] = spread(

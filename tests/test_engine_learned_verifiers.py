@@ -315,7 +315,9 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
     strict = VerifierChain(verifiers=[ScoreVerifier(min_score=0.95)])
     miner = HardNegativeMiner(fire_low=0.05, fire_high=0.95, max_presence=1.0)
     negatives = verifier_quality(proposals=[folder], labelled=labelled, chain=strict, miner=miner)["negatives"]
-    assert negatives == {"absent_pairs": 1, "as_given": {"mined": 2, "wrong": 1, "wrong_share": 0.5},
+    # the chain's own negatives (exhaustive, nothing kept): square (wrong) and star (right)
+    assert negatives == {"absent_pairs": 1, "chain": {"pairs": 2, "wrong": 1, "wrong_share": 0.5},
+                         "as_given": {"mined": 2, "wrong": 1, "wrong_share": 0.5},
                          "max_presence 0.05": {"mined": 0, "wrong": 0, "wrong_share": None},
                          "max_presence 0.1": {"mined": 0, "wrong": 0, "wrong_share": None},
                          "max_presence 0.2": {"mined": 0, "wrong": 0, "wrong_share": None},
@@ -329,6 +331,7 @@ def test_audit_scores_any_chain_on_the_same_proposals(tmp_path, trained):
     guarded = verifier_quality(proposals=[folder], labelled=labelled, chain=doubting, miner=miner)["negatives"]
     assert guarded["as_given"] == {"mined": 2, "wrong": 1, "wrong_share": 0.5}
     assert guarded["skip_doubted"] == {"mined": 1, "wrong": 0, "wrong_share": 0.0}
+    assert guarded["chain"] == {"pairs": 1, "wrong": 0, "wrong_share": 0.0}  # star only: square was doubted
     # A pair a mask check emptied is no doubt: square's instances dropped by a stability check that can
     # never pass (IoU >= 1.01) is still mined with the guard (no exhaustivity verifier judged it).
     masking = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), StabilityVerifier(min_iou=1.01)])

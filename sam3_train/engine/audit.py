@@ -106,7 +106,9 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
     the wrong ones (the image has instances of the phrase), for the miner as given and for copies of
     it with each of ``max_presences`` (its guard: the detector's presence probability must stay below
     it) and with ``skip_doubted`` (an exhaustivity verifier's verdict on the empty set as the guard), on the same
-    verdicts; ``absent_pairs`` is how many pairs are truly absent (what a perfect miner could draw from).
+    verdicts; ``absent_pairs`` is how many pairs are truly absent (what a perfect miner could draw from);
+    ``chain``: the negatives the chain writes without a miner (exhaustive pairs with nothing kept) and
+    the wrong ones among them.
     """
     indexes = [ProposalIndex(proposals_file(p)) for p in proposals]
     m = {"proposals": 0, "kept": 0, "correct": 0, "kept_correct": 0, "true": 0}
@@ -116,6 +118,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
         f"max_presence {p:g}": HardNegativeMiner(**{**miner.params(), "max_presence": p}) for p in max_presences},
         "skip_doubted": HardNegativeMiner(**{**miner.params(), "skip_doubted": True})}
     mined = {name: {"mined": 0, "wrong": 0} for name in miners}
+    own = {"pairs": 0, "wrong": 0}  # the chain's own negatives: exhaustive pairs with nothing kept
     for key, data, _, meta in read_samples(list(labelled)):
         index = next((i for i in indexes if key in i), None)
         if index is None:
@@ -132,6 +135,10 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
             for phrase in negative_miner(image_verdicts):
                 mined[name]["mined"] += 1
                 mined[name]["wrong"] += int(len(truth[phrase]) > 0)
+        for verified in image_verdicts:
+            if verified.exhaustive and not bool(verified.keep.any()):
+                own["pairs"] += 1
+                own["wrong"] += int(len(truth[verified.candidate.phrase]) > 0)
         for verified in image_verdicts:
             c, true = verified.candidate, truth[verified.candidate.phrase]
             pairs_seen += 1
@@ -150,7 +157,7 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
             e["complete"] += int(complete)
     share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
     negatives = None if miner is None else {
-        "absent_pairs": absent_pairs,
+        "absent_pairs": absent_pairs, "chain": {**own, "wrong_share": share(own["wrong"], own["pairs"])},
         **{name: {**n, "wrong_share": share(n["wrong"], n["mined"])} for name, n in mined.items()}}
     return {
         "min_iou": min_iou, "images": images, "pairs": pairs_seen, "verifiers": chain.names, "negatives": negatives,
