@@ -12,12 +12,16 @@ phrases. The stages run as a user runs them: ``tools/data_engine.py run --stop-a
 ``--stop-after write``, with ``trainer.devices=2`` (the engine launches the second rank). Per stage:
 wall seconds and images per second (both ranks together; process start-up included), and the peak
 resident memory of the largest process and of all of them together (sampled every 0.2 s over the
-process tree with psutil). Per image: the proposals files' bytes, the stage markers' bytes
+process tree with psutil), and every 5 s each process's unique memory (USS: RSS counts the pages a
+fork shares in every process that maps them): per process its peak, its USS a minute after it
+started and at its end (``memory``), and the processes' USS together (``peak_uss_total_mib``; larger
+pools against the first: ``peak_uss_total_vs_first``). Per image: the proposals files' bytes, the stage markers' bytes
 (proposals.json, shards.json: the round's manifest of what was written) and the written shards' bytes.
 
 ``--kill N``: at pool size N, every process of the stage is killed (SIGKILL, the engine's own fault
 point at the middle of rank 0's share: ``propose-batch`` and ``write``), the same command is run again and
-finishes the stage; the timed figures are the finishing attempt's. Either way the run is checked at
+finishes the stage (propose resumes each rank after the images it had proposed); the timed figures
+are the finishing attempt's. Either way the run is checked at
 the end: the proposals hold every pool image once, and the written shards hold every pool image once
 (nothing lost, nothing doubled). Printed and saved as JSON (``--out``).
 """
@@ -49,38 +53,70 @@ def stage_command(work: Path, overrides: list[str], stop_after: str | None = Non
     return [*engine_command(CONFIGS, work, overrides), *(["--stop-after", stop_after] if stop_after else []), "--quiet"]
 
 
-def tree_rss(root: int) -> tuple[int, int]:
-    """(largest, total) resident bytes of ``root`` and its descendants now (0, 0 once gone)."""
+SERIES_S = 5.0  # seconds between the per-process memory samples of a stage's series
+
+
+def tree_memory(root: int, *, unique: bool = False) -> list[dict]:
+    """``{pid, ppid, rss}`` (bytes) of ``root`` and each of its descendants now, with ``uss`` (the
+    process's own pages: RSS counts pages a fork shares twice) when ``unique``; [] once gone."""
     import psutil
 
     try:
         proc = psutil.Process(root)
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
-    sizes = []
+        return []
+    out = []
     for p in procs:
         try:
-            sizes.append(p.memory_info().rss)
-        except psutil.NoSuchProcess:
+            row = {"pid": p.pid, "ppid": p.ppid(), "rss": p.memory_info().rss}
+            if unique:
+                row["uss"] = p.memory_full_info().uss
+            out.append(row)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return max(sizes, default=0), sum(sizes)
+    return out
 
 
-def run_stage(command: list[str], log: Path, *, env: dict[str, str] | None = None) -> dict:
+def memory_profile(series: list[dict]) -> dict:
+    """Per process of a stage's series (``{t, procs}`` samples): its peak RSS and USS, and its USS at the
+    first sample a minute after it appeared (start-up done) and at its last sample: where memory grows."""
+    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+    per: dict[int, dict] = {}
+    for sample in series:
+        for row in sample["procs"]:
+            p = per.setdefault(row["pid"], {"pid": row["pid"], "ppid": row["ppid"], "first_s": sample["t"],
+                                            "peak_rss_mib": 0.0, "peak_uss_mib": 0.0, "uss_after_60s_mib": None})
+            p["peak_rss_mib"] = max(p["peak_rss_mib"], mib(row["rss"]))
+            p["peak_uss_mib"] = max(p["peak_uss_mib"], mib(row["uss"]))
+            if p["uss_after_60s_mib"] is None and sample["t"] - p["first_s"] >= 60:
+                p["uss_after_60s_mib"] = mib(row["uss"])
+            p["last_s"], p["uss_last_mib"] = sample["t"], mib(row["uss"])
+    return {"processes": sorted(per.values(), key=lambda p: p["first_s"]),
+            "peak_uss_total_mib": mib(max((sum(r["uss"] for r in s["procs"]) for s in series), default=0))}
+
+
+def run_stage(command: list[str], log: Path, *, env: dict[str, str] | None = None, series_s: float = SERIES_S) -> dict:
     """Run ``command`` in its own session, sampling its process tree's memory; its wall seconds, peaks
     and exit code (after a fault-point kill every process left in the session is killed too)."""
     with open(log, "a") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
-        peaks = [0, 0]
+        peaks, series = [0, 0], []
         done = threading.Event()
 
         def sample() -> None:
+            next_series = 0.0
             while not done.is_set():
-                largest, total = tree_rss(proc.pid)
-                peaks[0], peaks[1] = max(peaks[0], largest), max(peaks[1], total)
+                now = time.perf_counter() - start
+                unique = now >= next_series  # USS reads /proc/PID/smaps: every series_s, not every 0.2 s
+                rows = tree_memory(proc.pid, unique=unique)
+                sizes = [r["rss"] for r in rows]
+                peaks[0], peaks[1] = max(peaks[0], max(sizes, default=0)), max(peaks[1], sum(sizes))
+                if unique and rows:
+                    series.append({"t": round(now, 1), "procs": rows})
+                    next_series = now + series_s
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -95,7 +131,7 @@ def run_stage(command: list[str], log: Path, *, env: dict[str, str] | None = Non
         except ProcessLookupError:
             pass
     return {"seconds": seconds, "peak_rss_largest_mib": round(peaks[0] / 2**20, 1),
-            "peak_rss_total_mib": round(peaks[1] / 2**20, 1), "returncode": code}
+            "peak_rss_total_mib": round(peaks[1] / 2**20, 1), "returncode": code, "memory": memory_profile(series)}
 
 
 def make_proposer(work: Path, *, image_size: int, steps: int, log: Path) -> Path:
@@ -210,6 +246,9 @@ def main() -> None:
     for run in runs[1:]:  # memory of every larger pool against the smallest one's
         run["peak_rss_vs_first"] = {stage: round(s["peak_rss_largest_mib"] / first["stages"][stage]["peak_rss_largest_mib"], 3)
                                     for stage, s in run["stages"].items()}
+        run["peak_uss_total_vs_first"] = {  # the processes' own pages together: no page counted twice
+            stage: round(s["memory"]["peak_uss_total_mib"] / first["stages"][stage]["memory"]["peak_uss_total_mib"], 3)
+            for stage, s in run["stages"].items()}
     result = {"benchmark": "data_engine_pool", "image_size": args.image_size, "phrases": args.phrases, "proposer_steps": args.proposer_steps,
               "ranks": 2, "batch_size": BATCH, "chain": "configs/engine/shapes.yaml (heuristic)", "runs": runs,
               "matmul_fp32_gflops": round(gflops, 1), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -221,7 +260,9 @@ def main() -> None:
         s = run["stages"]
         print(f"{run['images']:>7} images: propose {s['propose']['images_per_s']}/s (peak {s['propose']['peak_rss_largest_mib']} "
               f"MiB largest, {s['propose']['peak_rss_total_mib']} MiB all), write {s['write']['images_per_s']}/s (peak "
-              f"{s['write']['peak_rss_largest_mib']} / {s['write']['peak_rss_total_mib']} MiB); bytes per image "
+              f"{s['write']['peak_rss_largest_mib']} / {s['write']['peak_rss_total_mib']} MiB; USS of all processes: "
+              f"propose {s['propose']['memory']['peak_uss_total_mib']}, write {s['write']['memory']['peak_uss_total_mib']} "
+              f"MiB); bytes per image "
               f"{run['bytes_per_image']}; {run['check']}")
     print(f"saved {out}")
 
