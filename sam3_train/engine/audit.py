@@ -136,14 +136,13 @@ def verifier_quality(*, proposals: Iterable[str | os.PathLike], labelled: Iterab
                 mined[name]["mined"] += 1
                 mined[name]["wrong"] += int(len(truth[phrase]) > 0)
         for verified in image_verdicts:
-            if verified.exhaustive and not bool(verified.keep.any()):
-                own["pairs"] += 1
-                own["wrong"] += int(len(truth[verified.candidate.phrase]) > 0)
-        for verified in image_verdicts:
             c, true = verified.candidate, truth[verified.candidate.phrase]
             pairs_seen += 1
             correct = torch.tensor([j is not None for j in greedy_match(c.masks, true, min_iou)], dtype=torch.bool)
             keep = verified.keep.bool()
+            if verified.exhaustive and not bool(keep.any()):
+                own["pairs"] += 1
+                own["wrong"] += int(len(true) > 0)
             m["proposals"] += c.num_instances
             m["kept"] += int(keep.sum())
             m["correct"] += int(correct.sum())

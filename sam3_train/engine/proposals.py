@@ -56,6 +56,7 @@ from sam3_train.engine.manifest import (
     fault_point,
     file_sha256,
     proposals_dir_name,
+    read_json,
 )
 from sam3_train.engine.proposal_files import ProposalFileWriter, complete_records
 from sam3_train.model.postprocess import detection_scores, postprocess
@@ -279,12 +280,13 @@ class ProposalWriter(BasePredictionWriter):
                                        "batch_size": data.batch_size, "num_workers": data.num_workers}))
         self.counts = {"images": 0, "pairs": 0, "candidates": 0, "truncated_pairs": 0}
         self._keys: set[str] = set()
-        if _started_as(self.final, start) and not self.tmp.exists():
+        if read_json(self.final / START) == start and not self.tmp.exists():
             self.final.rename(self.tmp)  # finished before another rank was killed: read past all of it
         elif self.final.exists():
             shutil.rmtree(self.final)
-        end = 0
-        if _started_as(self.tmp, start) and (self.tmp / PROPOSALS).is_file():
+        end = None  # a new file
+        if read_json(self.tmp / START) == start and (self.tmp / PROPOSALS).is_file():
+            end = 0
             for end, record in complete_records(self.tmp / PROPOSALS):
                 self._count(record)
         else:
@@ -292,12 +294,9 @@ class ProposalWriter(BasePredictionWriter):
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
             write_json_atomic(self.tmp / START, start)
-            (self.tmp / PROPOSALS).touch()
         self._file = ProposalFileWriter(self.tmp / PROPOSALS, append_at=end)
         data.exclude_keys = frozenset(self._keys)
         if self._keys:
-            log.info("rank %d resumes its proposals: %d images done before (kept), the rest of its %d shards "
-                     "next", trainer.global_rank, len(self._keys), len(data.rank_urls))
             print(f"[data engine] rank {trainer.global_rank}: {len(self._keys)} images proposed before, resumed "
                   "after them", flush=True)
 
@@ -329,11 +328,3 @@ class ProposalWriter(BasePredictionWriter):
             shutil.rmtree(self.final)
         replace_dir(self.tmp, self.final)
         trainer.strategy.barrier("proposals written")
-
-
-def _started_as(folder: Path, start: dict[str, Any]) -> bool:
-    """Whether ``folder`` (a rank's proposals folder) was started for exactly ``start``."""
-    try:
-        return json.loads((folder / START).read_text()) == start
-    except (OSError, ValueError):
-        return False

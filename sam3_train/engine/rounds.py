@@ -289,9 +289,9 @@ class Engine:
         trainer.predict(module, datamodule=data, return_predictions=False)  # ends with a barrier
         if is_rank_zero():
             counts, world = {}, trainer.world_size
+            ranks = {proposals_dir_name(r) for r in range(world)}
             for stale in round_dir.glob(f"{PROPOSALS_PREFIX}*"):  # of a killed run with more ranks
-                if stale.is_dir() and stale.name.removesuffix(TMP_SUFFIX) not in {
-                        proposals_dir_name(r) for r in range(world)}:
+                if stale.is_dir() and stale.name.removesuffix(TMP_SUFFIX) not in ranks:
                     shutil.rmtree(stale)
             for rank in range(world):
                 add_counts(counts, read_json(round_dir / proposals_dir_name(rank) / SUMMARY)["counts"])
