@@ -141,6 +141,46 @@ def run_engine(configs: list[str], work_dir: Path, overrides: list[str], *, thre
             raise RuntimeError(f"{' '.join(command)} failed: see {log}")
 
 
+def control_fit(round0: Path, out: Path, init: Path) -> None:
+    """In this process: ``round0``'s fit (its labelled images, steps and recipe) started from ``init``'s
+    weights, into ``out``; its test metrics go to ``out/metrics.json`` last (the marker)."""
+    import yaml
+
+    from sam3_train.engine.manifest import FIT_CONFIG, METRICS, MODEL
+    from sam3_train.engine.settings import round_fit_config, write_config
+    from sam3_train.engine.training import evaluate, fit_round
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load((round0 / FIT_CONFIG).read_text())
+    write_config(round_fit_config(cfg, round_dir=out, train_shards=None, name=f"control-{out.name}"), out / FIT_CONFIG)
+    trainer = fit_round(round_dir=out, init_from=init, round_info={"round": out.name, "sources": {}, "counts": {}})
+    os.replace(out / (MODEL + ".tmp"), out / MODEL)
+    metrics, _ = evaluate(round_dir=out, checkpoint=out / MODEL, trainer=trainer)
+    info = {"init_from": str(init), "steps": trainer.global_step, "config": str(round0 / FIT_CONFIG)}
+    (out / METRICS).write_text(json.dumps({"test": metrics, "fit": info}, indent=1) + "\n")
+
+
+def run_controls(engine_dir: Path, control_dir: Path, rounds: int, *, threads: int | None, log: Path) -> None:
+    """The labelled-only control of a ``fit_from: previous`` run: control k is round 0's model continued
+    for k x round 0's steps on round 0's labelled images alone (control k - 1's model, one fit further),
+    so that round k and control k have had the same steps and the same recipe; only round k's pool
+    pseudo-labels differ. Each control is a subprocess; a finished one (its metrics.json) is skipped."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    for k in range(1, rounds + 1):
+        out = control_dir / f"round-{k:03d}"
+        if (out / "metrics.json").is_file():
+            continue
+        init = (engine_dir / "round-000" if k == 1 else control_dir / f"round-{k - 1:03d}") / "model.ckpt"
+        code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from pathlib import Path; "
+                f"import bench_engine; bench_engine.control_fit(Path({str(engine_dir / 'round-000')!r}), "
+                f"Path({str(out)!r}), Path({str(init)!r}))")
+        print(f"$ control {k}: {engine_dir / 'round-000'} continued from {init}  > {log}", flush=True)
+        with open(log, "a") as stream:
+            if subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, stdout=stream,
+                              stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"the labelled-only control {k} of {engine_dir} failed: see {log}")
+
+
 def manifest(round_dir: Path) -> dict:
     path = round_dir / "manifest.json"
     if not path.is_file():
@@ -402,7 +442,7 @@ def share_proposer_round(src: Path, dst: Path) -> bool:
 
 def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str], regimes: list[str],
               proposer: Path | None, threads: int | None, first_seed: int,
-              transfer: tuple[list[str], list[str]] | None = None) -> None:
+              transfer: tuple[list[str], list[str]] | None = None, control: bool = False, rounds: int = 1) -> None:
     """Every engine run of one seed (each resumable): the student's rounds, 100% labels, the strong regime
     (whose round 1 up to the pseudo-labels a later seed takes from ``first_seed``'s run), and the
     transfer regime with its 100%-label reference (``transfer``: its configs and overrides)."""
@@ -416,6 +456,9 @@ def seed_runs(*, seed: int, work: Path, configs: list[str], overrides: list[str]
         # the reference first: an interrupted benchmark can already read the gap of its finished rounds
         run("transfer-full", [*base_t, "engine.labelled_fraction=1.0", "engine.rounds=0"], configs_t)
         run("transfer", base_t, configs_t)
+        if control:
+            run_controls(work / f"seed-{seed}" / "transfer", work / f"seed-{seed}" / "transfer-labelled", rounds,
+                         threads=threads, log=log)
         return  # the transfer regime runs alone (demonstration)
     if "weak" in regimes:
         run("weak", base)
@@ -445,6 +488,9 @@ def seed_result(*, seed: int, work: Path, chains: dict[str, list[str]], regimes:
     result = {"seed": seed, "full": metrics("full") if set(regimes) - {"transfer"} else None, "regimes": {}}
     if "transfer" in regimes:
         result["transfer-full"] = metrics("transfer-full")
+        controls = sorted((root / "transfer-labelled").glob("round-*/metrics.json"))
+        result["transfer-labelled"] = [{k: json.loads(p.read_text())["test"].get(k) for k in METRICS}
+                                       for p in controls] or None
     runs = {regime: run_report(root / regime, chains, audit_images) for regime in regimes}
     for regime, rows in runs.items():
         # the gap's two ends: the transfer regime's own round 0 and reference; the from-scratch regimes
@@ -476,6 +522,14 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
         out["full cgF1"] = spread([get(s, "full", "test/cgF1") for s in seeds])
     if "transfer" in regimes:
         out["transfer-full cgF1"] = spread([get(s, "transfer-full", "test/cgF1") for s in seeds])
+        for i in range(max(len(s.get("transfer-labelled") or []) for s in seeds)):
+            # round k against its labelled-only control (fit_from: previous; --control)
+            rows = [(s.get("transfer-labelled") or [])[i:i + 1] for s in seeds]
+            out[f"transfer-labelled control {i + 1} cgF1"] = spread([r[0]["test/cgF1"] if r else None for r in rows])
+            out[f"transfer round {i + 1} minus its control"] = spread([
+                cgf1(s["regimes"]["transfer"]["rounds"][i + 1]) - r[0]["test/cgF1"]
+                if r and len(s["regimes"]["transfer"]["rounds"]) > i + 1 and cgf1(s["regimes"]["transfer"]["rounds"][i + 1]) is not None
+                else None for s, r in zip(seeds, rows)])
     for regime in regimes:
         runs = [s["regimes"][regime] for s in seeds]
         for i in range(max(len(r["rounds"]) for r in runs)):
@@ -517,6 +571,9 @@ def demonstration(args: argparse.Namespace) -> None:
     if "transfer" in args.regimes and len(args.regimes) > 1:
         raise SystemExit("bench_engine: run the transfer regime on its own (--regimes transfer): it has its own "
                          "domain, base and reference")
+    if args.control and ("transfer" not in args.regimes or "engine.fit_from=previous" not in args.overrides):
+        raise SystemExit("bench_engine: --control is the labelled-only control of the transfer regime's rounds "
+                         "fitted from the previous round's model: give --regimes transfer and engine.fit_from=previous")
     learned = args.chain != "heuristic"
     args.audit_images = args.audit_images or None
     chains = {"heuristic": CONFIGS, **({"learned": [*CONFIGS, LEARNED], "learned-p85": [*CONFIGS, LEARNED, PRECISION]}
@@ -557,7 +614,7 @@ def demonstration(args: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs if not args.report_only else 1) as pool:
         futures = [pool.submit(seed_runs, seed=seed, work=work, configs=configs, overrides=overrides,
                                regimes=args.regimes, proposer=proposer, threads=threads if args.jobs > 1 else None,
-                               first_seed=args.seeds[0], transfer=transfer)
+                               first_seed=args.seeds[0], transfer=transfer, control=args.control, rounds=args.rounds)
                    for seed in (args.seeds if not args.report_only else [])]
         for future in futures:
             future.result()
@@ -654,6 +711,9 @@ def main() -> None:
                         help="the strong regime's proposer's steps on the labelled share (default 3000)")
     parser.add_argument("--audit-images", type=int, default=300, help="pool images on which every chain's "
                         "decisions are scored against the withheld labels (default 300; 0: all)")
+    parser.add_argument("--control", action="store_true", help="transfer with engine.fit_from=previous: also "
+                        "fit round 0's model on the labelled images alone for as many steps as each round has had "
+                        "(transfer-labelled: what the rounds' pseudo-labels add beyond more steps)")
     parser.add_argument("--report-only", action="store_true", help="report the runs already in --work-dir")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (threads split between them)")
     parser.add_argument("--iou", action="store_true", help="only time the engine's mask IoU against its baselines")

@@ -135,14 +135,16 @@ def run_stage(command: list[str], log: Path, *, env: dict[str, str] | None = Non
 
 
 def make_proposer(work: Path, *, image_size: int, steps: int, log: Path) -> Path:
-    """A tiny proposer at ``image_size``: the engine's round 0 on 200 shapes images, ``steps`` steps."""
-    ckpt = work / "proposer" / "round-000" / "model.ckpt"
+    """A tiny proposer at ``image_size``: the engine's round 0 on 200 shapes images, ``steps`` steps
+    (one per size and steps: a rerun with other ``--proposer-steps`` trains its own)."""
+    folder = work / f"proposer-{image_size}px-{steps}"
+    ckpt = folder / "round-000" / "model.ckpt"
     if not ckpt.is_file():
         overrides = [f"data.shapes_root={work / 'shapes'}", "data.shapes_splits={train: 200, val: 8, test: 16}",
                      f"data.image_size={image_size}", f"trainer.max_steps={steps}", f"data.steps_per_epoch={steps}",
                      f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1", "data.num_workers=0",
                      "engine.rounds=0", "engine.labelled_fraction=1.0", "seed_everything=0"]
-        result = run_stage(stage_command(work / "proposer", overrides), log)
+        result = run_stage(stage_command(folder, overrides), log)
         if result["returncode"] != 0 or not ckpt.is_file():
             raise SystemExit(f"bench_engine_pool: the proposer did not train (see {log})")
     return ckpt
@@ -175,7 +177,7 @@ def pool_run(work: Path, *, images: int, image_size: int, proposer: Path, phrase
     pool = ensure_shapes_shards(work / f"pool-{images}", splits={"train": images}, image_size=image_size,
                                 max_count=1000, progress=True)["train"]
     generate_s = time.perf_counter() - start
-    engine_dir = work / f"engine-{images}"
+    engine_dir = work / f"engine-{images}-{proposer.parents[1].name}"  # a rerun resumes only the same proposer's rounds
     round_dir = engine_dir / "round-001"
     vocabulary = work / f"vocabulary-{phrases}.txt"
     vocabulary.write_text("".join(f"{kind}\n" for kind in KINDS[:phrases]))

@@ -55,6 +55,9 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
         fake_run(tmp_path / f"seed-{seed}" / "transfer", rounds)
         fake_run(tmp_path / f"seed-{seed}" / "transfer-full", [full])
     (tmp_path / "seed-0" / "transfer" / "round-003").mkdir()  # an interrupted round: no figure yet
+    control = tmp_path / "seed-0" / "transfer-labelled" / "round-001"  # seed 0's labelled-only control of round 1
+    control.mkdir(parents=True)
+    (control / "metrics.json").write_text(json.dumps({"test": {"test/cgF1": 2.5}}))
     seeds = [bench_engine.seed_result(seed=s, work=tmp_path, chains={}, regimes=["transfer"], audit_images=None)
              for s in (0, 1)]
     assert seeds[0]["regimes"]["transfer"]["gap_recovered_by_round"][:2] == pytest.approx([0.2, 0.5])
@@ -67,6 +70,9 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
     assert summary["transfer gap recovered by round 1"]["min"] == pytest.approx(-0.25)
     assert summary["transfer gap recovered by round 2"]["values"] == pytest.approx([0.5, 0.5])
     assert summary["transfer-full cgF1"]["mean"] == pytest.approx(5.0) and "full cgF1" not in summary
+    assert seeds[0]["transfer-labelled"][0]["test/cgF1"] == 2.5 and seeds[1]["transfer-labelled"] is None
+    assert summary["transfer-labelled control 1 cgF1"]["values"] == [2.5]
+    assert summary["transfer round 1 minus its control"]["values"] == pytest.approx([0.5])  # 3.0 - 2.5
 
     assert bench_engine.MIN_GAP == 0.5  # a gap below it is noise: no "gap recovered"
     fake_run(tmp_path / "seed-2" / "transfer", [2.0, 2.5])
@@ -84,3 +90,42 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
     bench_engine.save_result(out, "from_scratch", {"regimes": ["weak"]})
     bench_engine.save_result(out, bench_engine.result_group(["transfer"]), {"regimes": ["transfer"]})
     assert json.loads(out.read_text()) == {"from_scratch": {"regimes": ["weak"]}, "transfer": {"regimes": ["transfer"]}}
+
+
+@pytest.mark.slow
+def test_labelled_control_continues_round_0_on_its_labelled_images_one_fit_per_round(tmp_path, monkeypatch):
+    """--control: control k starts from control k - 1 (control 1 from round 0's model) and refits round 0's
+    config (its labelled images, steps and recipe) into its own folder; a finished control is not rerun."""
+    import torch
+
+    from sam3_train.engine.settings import round_fit_config, write_config
+    from sam3_train.engine.training import fit_round
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = bench_engine.quick_base(tmp_path)
+    cfg = yaml.safe_load(Path(bench_engine.transfer_config(
+        tmp_path, base, steps=2, splits={"train": 6, "val": 2, "test": 2}, quick=True)).read_text())
+    engine_dir, controls = tmp_path / "seed-0" / "transfer", tmp_path / "seed-0" / "transfer-labelled"
+    round0 = engine_dir / "round-000"
+    round0.mkdir(parents=True)
+    write_config(round_fit_config(cfg, round_dir=round0, train_shards=None), round0 / "fit-config.yaml")
+    fit_round(round_dir=round0, round_info={"round": 0, "sources": {}, "counts": {}})
+    (round0 / "model.ckpt.tmp").rename(round0 / "model.ckpt")
+
+    bench_engine.run_controls(engine_dir, controls, 2, threads=1, log=tmp_path / "control.log")
+    weights = lambda path: torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # noqa: E731
+    previous = round0 / "model.ckpt"
+    for k in (1, 2):
+        out = controls / f"round-{k:03d}"
+        result = json.loads((out / "metrics.json").read_text())
+        assert result["fit"] == {"init_from": str(previous), "steps": 2, "config": str(round0 / "fit-config.yaml")}
+        assert "test/cgF1" in result["test"]
+        fitted = yaml.safe_load((out / "fit-config.yaml").read_text())
+        assert fitted["data"]["train_shards"] == cfg["data"]["train_shards"]  # the labelled images alone
+        assert fitted["trainer"]["default_root_dir"] == str(out / "fit")
+        before, after = weights(previous), weights(out / "model.ckpt")
+        assert any(not torch.equal(before[name], after[name]) for name in after)  # two more steps were taken
+        previous = out / "model.ckpt"
+    stamp = (controls / "round-001" / "metrics.json").stat().st_mtime_ns
+    bench_engine.run_controls(engine_dir, controls, 2, threads=1, log=tmp_path / "control.log")  # finished: skipped
+    assert (controls / "round-001" / "metrics.json").stat().st_mtime_ns == stamp
