@@ -488,6 +488,10 @@ def test_the_learned_overlay_replaces_the_heuristic_chain_and_trains_the_verifie
     assert (REPO / settings.verifier_training.exhaustivity_config) == EV_CONFIG
     _, heuristic = load_config(files[:2])
     assert "learned_mask" not in heuristic.chain().names and heuristic.verifier_training is None
+    overlays = [REPO / "configs" / "engine" / f"shapes_{name}.yaml" for name in ("learned_precision", "instances_only")]
+    _, instances = load_config([*files, *overlays])  # the MV at its precision target, then instances only
+    assert instances.chain().names == ["score", "learned_mask", "instances_only"]
+    assert instances.chain().verifiers[1].target_precision == 0.85 and instances.negatives.max_per_image == 0
 
 
 # ---------------------------------------------------------------------------------------- through the engine's front

@@ -11,6 +11,7 @@ from sam3_train.engine import (
     ExhaustivityVerifier,
     FlipConsistencyVerifier,
     HardNegativeMiner,
+    InstancesOnly,
     ScoreVerifier,
     StabilityVerifier,
     VerifierChain,
@@ -149,6 +150,28 @@ def test_candidate_from_logits_sorts_thresholds_and_matches_flip_masks():
 def pair(phrase, scores, *, presence, keep_min=0.5):
     c = candidate(scores, [box_mask(0, 0, 4, 4)] * len(scores), presence=presence, phrase=phrase)
     return VerifierChain(verifiers=[ScoreVerifier(min_score=keep_min)])(c)
+
+
+def test_instances_only_writes_the_kept_instances_and_no_pair_exhaustive():
+    from sam3_train.engine import pseudo_sample
+
+    good, other = box_mask(0, 0, 4, 4), box_mask(8, 4, 12, 8)
+    strict = VerifierChain(verifiers=[ScoreVerifier(min_score=0.5), InstancesOnly()])
+    kept = strict(candidate([0.9, 0.8, 0.05], [good, other, good]))
+    assert kept.keep.tolist() == [True, True, False] and kept.exhaustive is False
+    assert kept.doubted_by == ("instances_only",) and kept.rejected == {"score": 1, "instances_only": 0}
+    clean = chain()(candidate([0.9, 0.05], [good, other]))  # what the full chain writes exhaustive ...
+    assert clean.exhaustive is True
+    confident = strict(candidate([0.9, 0.05], [good, other]))  # ... is not, here
+    empty = strict(candidate([0.1], [good], phrase="blue star"))  # nothing kept: not written absent either
+    miner = HardNegativeMiner(fire_low=0.05, fire_high=0.5, max_presence=1.0, max_per_image=0)
+    assert miner([empty], exclude=[]) == []  # the miner off, as configs/engine/shapes_instances_only.yaml
+    meta, counts = pseudo_sample({"image_id": 1, "width": W, "height": H}, [confident, empty])
+    by_phrase = {q["phrase"]: q for q in meta["queries"]}
+    assert not by_phrase["blue star"]["exhaustive"] and not by_phrase["blue star"]["instances"]
+    assert len(by_phrase[confident.candidate.phrase]["instances"]) == 1
+    assert not by_phrase[confident.candidate.phrase]["exhaustive"]
+    assert counts["exhaustive_pairs"] == 0 and counts["instances"] == 1
 
 
 def test_hard_negatives_only_for_weak_fires_that_verify_absent():

@@ -159,6 +159,20 @@ class ExhaustivityVerifier(Verifier):
         return Verdict(keep=keep, exhaustive=True)
 
 
+class InstancesOnly(Verifier):
+    """Writes no pair exhaustive: a round then trains only on the instances the chain kept, and nothing
+    on a pool image is written absent or punished as a false positive (with the miner off too:
+    ``HardNegativeMiner(max_per_image=0)``; configs/engine/shapes_instances_only.yaml). For a chain whose
+    exhaustivity verdicts are too often wrong to train on: where an exhaustive pair that misses an
+    instance teaches the model to suppress it, and a wrong negative teaches it the phrase is absent
+    (docs/data_engine.md). Keeps every instance; its doubt is recorded (``Verified.doubted_by``)."""
+
+    name = "instances_only"
+
+    def __call__(self, candidate: Candidate) -> Verdict:
+        return Verdict(keep=torch.ones_like(candidate.scores, dtype=torch.bool), exhaustive=False)
+
+
 @dataclass
 class Verified:
     """A candidate after the chain.
