@@ -146,6 +146,7 @@ def control_fit(round0: Path, out: Path, init: Path) -> None:
     weights, into ``out``; its test metrics go to ``out/metrics.json`` last (the marker)."""
     import yaml
 
+    from sam3_train.atomic import write_json_atomic
     from sam3_train.engine.manifest import FIT_CONFIG, METRICS, MODEL
     from sam3_train.engine.settings import round_fit_config, write_config
     from sam3_train.engine.training import evaluate, fit_round
@@ -157,7 +158,7 @@ def control_fit(round0: Path, out: Path, init: Path) -> None:
     os.replace(out / (MODEL + ".tmp"), out / MODEL)
     metrics, _ = evaluate(round_dir=out, checkpoint=out / MODEL, trainer=trainer)
     info = {"init_from": str(init), "steps": trainer.global_step, "config": str(round0 / FIT_CONFIG)}
-    (out / METRICS).write_text(json.dumps({"test": metrics, "fit": info}, indent=1) + "\n")
+    write_json_atomic(out / METRICS, {"test": metrics, "fit": info})
 
 
 def run_controls(engine_dir: Path, control_dir: Path, rounds: int, *, threads: int | None, log: Path) -> None:
@@ -522,14 +523,13 @@ def summary(seeds: list[dict], regimes: list[str]) -> dict:
         out["full cgF1"] = spread([get(s, "full", "test/cgF1") for s in seeds])
     if "transfer" in regimes:
         out["transfer-full cgF1"] = spread([get(s, "transfer-full", "test/cgF1") for s in seeds])
-        for i in range(max(len(s.get("transfer-labelled") or []) for s in seeds)):
+        for k in range(1, 1 + max(len(s.get("transfer-labelled") or []) for s in seeds)):
             # round k against its labelled-only control (fit_from: previous; --control)
-            rows = [(s.get("transfer-labelled") or [])[i:i + 1] for s in seeds]
-            out[f"transfer-labelled control {i + 1} cgF1"] = spread([r[0]["test/cgF1"] if r else None for r in rows])
-            out[f"transfer round {i + 1} minus its control"] = spread([
-                cgf1(s["regimes"]["transfer"]["rounds"][i + 1]) - r[0]["test/cgF1"]
-                if r and len(s["regimes"]["transfer"]["rounds"]) > i + 1 and cgf1(s["regimes"]["transfer"]["rounds"][i + 1]) is not None
-                else None for s, r in zip(seeds, rows)])
+            pairs = [(get(s, "transfer-labelled") or [None] * k, s["regimes"]["transfer"]["rounds"]) for s in seeds]
+            pairs = [(c[k - 1]["test/cgF1"] if len(c) >= k and c[k - 1] else None,
+                      cgf1(rounds[k]) if len(rounds) > k else None) for c, rounds in pairs]
+            out[f"transfer-labelled control {k} cgF1"] = spread([c for c, _ in pairs])
+            out[f"transfer round {k} minus its control"] = spread([None if None in (c, r) else r - c for c, r in pairs])
     for regime in regimes:
         runs = [s["regimes"][regime] for s in seeds]
         for i in range(max(len(r["rounds"]) for r in runs)):
