@@ -156,5 +156,9 @@ def test_training_skips_images_with_no_query_to_train_on(tmp_path, collate, capl
         keys = [k for batch in train for k in batch.keys]
     assert keys == [make_key(0), make_key(3)] and train.skip_counter.value == 4
     assert f"key {make_key(1)}: no query to train on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert [k for batch in train for k in batch.keys] == [make_key(0), make_key(3)]  # a second pass
+    assert train.skip_counter.value == 8 and "skipped sample" not in caplog.text  # counted again, named once
     evaluation = ShardStream(urls=urls, batch_size=1, collate=collate, transforms=eval_transforms(image_size=16))
     assert [k for batch in evaluation for k in batch.keys] == [make_key(i) for i in range(6)]

@@ -53,16 +53,24 @@ MAX_CONSECUTIVE_FAILURES = 1000  # resampled streams only: a dataset this broken
 
 
 class SkipCounter:
-    """Process-shared count of skipped samples; ``skip`` warns with the shard and key."""
+    """Process-shared count of skipped samples; ``skip`` warns with the shard, key and reason, once per
+    process (every skip is counted: a sample met again in a later epoch or pass is counted again, its
+    warning is not repeated; a pseudo-labelled pool can hold thousands of images with nothing to train on)."""
 
     def __init__(self) -> None:
         # Made in the spawn context: such a value can be handed to forked and spawned workers alike
         # (one made in the fork context refuses to be pickled for a spawned worker).
         self._value = _SHARED.Value("q", 0)
+        self._warned: set[tuple[str | None, str | None, str]] = set()
 
     def skip(self, url: str | None, key: str | None, reason: BaseException | str) -> None:
         with self._value.get_lock():
             self._value.value += 1
+        seen = (url, key, str(reason))  # a shard-level error has no key: its reason tells two apart
+        if seen in self._warned:
+            log.debug("skipped sample again: shard %s, key %s: %s", url, key, reason)
+            return
+        self._warned.add(seen)
         log.warning("skipped sample: shard %s, key %s: %s", url, key, reason)
 
     @property
