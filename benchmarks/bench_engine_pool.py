@@ -1,7 +1,7 @@
 """The data engine's propose, verify and write stages over a large pool, on two ranks (DDP, gloo).
 
-    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2   # docs/benchmarks.md (~40 min, 2 cores)
-    python benchmarks/bench_engine_pool.py --images 400 --kill 400                         # a quick look (~3 min)
+    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2     # docs/benchmarks.md (~60 min, 2 cores)
+    python benchmarks/bench_engine_pool.py --images 400 --kill 400 --proposer-steps 300      # a quick look (~3 min)
 
 Per pool size N: a pool of N shapes images at ``--image-size`` px (the built-in generator, cached under
 ``--work-dir``), each asked the first ``--phrases`` shape kinds (a vocabulary, as a user labels a pool for a list of
@@ -235,7 +235,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112, help="pool images and proposer, px (default 112)")
     parser.add_argument("--phrases", type=int, default=4, help="phrases asked of every image: the first N shape "
                         "kinds, as a vocabulary file (engine.phrases: vocabulary; default 4)")
-    parser.add_argument("--proposer-steps", type=int, default=300, help="the proposer's training steps (default 300)")
+    parser.add_argument("--proposer-steps", type=int, default=1500, help="the proposer's training steps (default "
+                        "1500: its detections pass the chain, so the write stage writes instances; at 300 none pass)")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench_engine_pool"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engine_pool.json"))
     args = parser.parse_args()
