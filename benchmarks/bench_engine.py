@@ -46,7 +46,9 @@ precision target of 0.85, configs/engine/shapes_learned_precision.yaml: scored, 
 ``--chain learned-p85``). Mean and
 spread (min, max) over the seeds. Every run goes through the real front (``tools/data_engine.py run``,
 in subprocesses), so the benchmark is resumable: run the same command again after an interruption.
-``--jobs N`` runs N seeds at once, each with cpus / N threads.
+``--jobs N`` runs N seeds at once, each with cpus / N threads. ``--control`` (transfer, with
+``engine.fit_from=previous``): round k against round 0's model continued for as many steps on the
+labelled images alone (``transfer-labelled``), which tells what the pseudo-labels add beyond more steps.
 Printed and saved as JSON (``--out``).
 """
 
