@@ -48,7 +48,10 @@ spread (min, max) over the seeds. Every run goes through the real front (``tools
 in subprocesses), so the benchmark is resumable: run the same command again after an interruption.
 ``--jobs N`` runs N seeds at once, each with cpus / N threads. ``--control`` (transfer, with
 ``engine.fit_from=previous``): round k against round 0's model continued for as many steps on the
-labelled images alone (``transfer-labelled``), which tells what the pseudo-labels add beyond more steps.
+labelled images alone (``transfer-labelled``), which tells what the pseudo-labels add beyond more steps:
+
+    python benchmarks/bench_engine.py --regimes transfer --base runs/ft/base/hf --seeds 0 1 2 --rounds 1 \
+        --chain learned-p85 --control --audit-images 100 engine.fit_from=previous
 Printed and saved as JSON (``--out``).
 """
 
@@ -149,7 +152,8 @@ def control_fit(round0: Path, out: Path, init: Path) -> None:
     import yaml
 
     from sam3_train.atomic import write_json_atomic
-    from sam3_train.engine.manifest import FIT_CONFIG, METRICS, MODEL
+    from sam3_train.engine.manifest import FIT_CONFIG, MODEL
+    from sam3_train.engine.manifest import METRICS as METRICS_FILE
     from sam3_train.engine.settings import round_fit_config, write_config
     from sam3_train.engine.training import evaluate, fit_round
 
@@ -159,21 +163,40 @@ def control_fit(round0: Path, out: Path, init: Path) -> None:
     trainer = fit_round(round_dir=out, init_from=init, round_info={"round": out.name, "sources": {}, "counts": {}})
     os.replace(out / (MODEL + ".tmp"), out / MODEL)
     metrics, _ = evaluate(round_dir=out, checkpoint=out / MODEL, trainer=trainer)
-    info = {"init_from": str(init), "steps": trainer.global_step, "config": str(round0 / FIT_CONFIG)}
-    write_json_atomic(out / METRICS, {"test": metrics, "fit": info})
+    write_json_atomic(out / METRICS_FILE, {"test": metrics, "fit": {**control_inputs(round0, init),
+                                                                     "steps": trainer.global_step}})
+
+
+def control_inputs(round0: Path, init: Path) -> dict:
+    """What a control's result depends on: the weights it starts from and round 0's fit config."""
+    from sam3_train.engine.manifest import file_sha256
+
+    config = round0 / "fit-config.yaml"
+    return {"init_from": str(init), "init_sha256": file_sha256(init), "config": str(config),
+            "config_sha256": file_sha256(config)}
 
 
 def run_controls(engine_dir: Path, control_dir: Path, rounds: int, *, threads: int | None, log: Path) -> None:
     """The labelled-only control of a ``fit_from: previous`` run: control k is round 0's model continued
     for k x round 0's steps on round 0's labelled images alone (control k - 1's model, one fit further),
     so that round k and control k have had the same steps and the same recipe; only round k's pool
-    pseudo-labels differ. Each control is a subprocess; a finished one (its metrics.json) is skipped."""
+    pseudo-labels differ. Each control refits round 0's config as it is, its seed included, so it
+    replays round 0's draws and augmentations (as the engine's rounds replay theirs). Each control is
+    a subprocess; a finished one (its metrics.json, recorded from the same start weights and round 0
+    config) is skipped, one recorded from others is fitted again."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     for k in range(1, rounds + 1):
         out = control_dir / f"round-{k:03d}"
-        if (out / "metrics.json").is_file():
-            continue
         init = (engine_dir / "round-000" if k == 1 else control_dir / f"round-{k - 1:03d}") / "model.ckpt"
+        done = out / "metrics.json"
+        if done.is_file():
+            recorded = json.loads(done.read_text())["fit"]
+            if {key: recorded.get(key) for key in ("init_sha256", "config_sha256")} == {
+                    key: value for key, value in control_inputs(engine_dir / "round-000", init).items()
+                    if key.endswith("sha256")}:
+                continue
+            print(f"control {k}: {out} was fitted from other weights or another round 0: fitted again", flush=True)
+            done.unlink()
         code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from pathlib import Path; "
                 f"import bench_engine; bench_engine.control_fit(Path({str(engine_dir / 'round-000')!r}), "
                 f"Path({str(out)!r}), Path({str(init)!r}))")

@@ -1,6 +1,6 @@
 """The data engine's propose, verify and write stages over a large pool, on two ranks (DDP, gloo).
 
-    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2     # docs/benchmarks.md (~60 min, 2 cores)
+    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2     # docs/benchmarks.md (~60 min on 2 cores, generation aside)
     python benchmarks/bench_engine_pool.py --images 400 --kill 400 --proposer-steps 300      # a quick look (~3 min)
 
 Per pool size N: a pool of N shapes images at ``--image-size`` px (the built-in generator, cached under
@@ -259,7 +259,9 @@ def main() -> None:
         run["peak_uss_total_vs_first"] = {  # the processes' own pages together: no page counted twice
             stage: round(s["memory"]["peak_uss_total_mib"] / first["stages"][stage]["memory"]["peak_uss_total_mib"], 3)
             for stage, s in run["stages"].items()}
+    scores = json.loads((proposer.parent / "metrics.json").read_text())["test"]  # round 0's test of the proposer
     result = {"benchmark": "data_engine_pool", "image_size": args.image_size, "phrases": args.phrases, "proposer_steps": args.proposer_steps,
+              "proposer_test": {k: round(scores[k], 4) for k in ("test/cgF1", "test/box_cgF1", "test/IL_MCC") if k in scores},
               "ranks": 2, "batch_size": BATCH, "chain": "configs/engine/shapes.yaml (heuristic)", "runs": runs,
               "matmul_fp32_gflops": round(gflops, 1), "cpus": os.cpu_count(), "python": platform.python_version(),
               "machine": platform.machine()}

@@ -95,9 +95,11 @@ def test_transfer_gap_is_measured_per_round_against_its_own_reference_and_saved_
 @pytest.mark.slow
 def test_labelled_control_continues_round_0_on_its_labelled_images_one_fit_per_round(tmp_path, monkeypatch):
     """--control: control k starts from control k - 1 (control 1 from round 0's model) and refits round 0's
-    config (its labelled images, steps and recipe) into its own folder; a finished control is not rerun."""
+    config (its labelled images, steps and recipe) into its own folder; a finished control is not rerun,
+    one recorded from other start weights is."""
     import torch
 
+    from sam3_train.engine.manifest import file_sha256
     from sam3_train.engine.settings import round_fit_config, write_config
     from sam3_train.engine.training import fit_round
 
@@ -118,7 +120,9 @@ def test_labelled_control_continues_round_0_on_its_labelled_images_one_fit_per_r
     for k in (1, 2):
         out = controls / f"round-{k:03d}"
         result = json.loads((out / "metrics.json").read_text())
-        assert result["fit"] == {"init_from": str(previous), "steps": 2, "config": str(round0 / "fit-config.yaml")}
+        assert result["fit"] == {"init_from": str(previous), "init_sha256": file_sha256(previous), "steps": 2,
+                                 "config": str(round0 / "fit-config.yaml"),
+                                 "config_sha256": file_sha256(round0 / "fit-config.yaml")}
         assert "test/cgF1" in result["test"]
         fitted = yaml.safe_load((out / "fit-config.yaml").read_text())
         assert fitted["data"]["train_shards"] == cfg["data"]["train_shards"]  # the labelled images alone
@@ -126,6 +130,11 @@ def test_labelled_control_continues_round_0_on_its_labelled_images_one_fit_per_r
         before, after = weights(previous), weights(out / "model.ckpt")
         assert any(not torch.equal(before[name], after[name]) for name in after)  # two more steps were taken
         previous = out / "model.ckpt"
-    stamp = (controls / "round-001" / "metrics.json").stat().st_mtime_ns
+    stamps = [(controls / f"round-{k:03d}" / "metrics.json").stat().st_mtime_ns for k in (1, 2)]
     bench_engine.run_controls(engine_dir, controls, 2, threads=1, log=tmp_path / "control.log")  # finished: skipped
-    assert (controls / "round-001" / "metrics.json").stat().st_mtime_ns == stamp
+    assert [(controls / f"round-{k:03d}" / "metrics.json").stat().st_mtime_ns for k in (1, 2)] == stamps
+    second = controls / "round-002" / "metrics.json"  # as if control 1 had been fitted again since
+    second.write_text(json.dumps({**json.loads(second.read_text()), "fit": {"init_sha256": "other"}}))
+    bench_engine.run_controls(engine_dir, controls, 2, threads=1, log=tmp_path / "control.log")
+    assert (controls / "round-001" / "metrics.json").stat().st_mtime_ns == stamps[0]
+    assert json.loads(second.read_text())["fit"]["init_sha256"] == file_sha256(controls / "round-001" / "model.ckpt")

@@ -53,9 +53,10 @@ MAX_CONSECUTIVE_FAILURES = 1000  # resampled streams only: a dataset this broken
 
 
 class SkipCounter:
-    """Process-shared count of skipped samples; ``skip`` warns with the shard, key and reason, once per
-    process (every skip is counted: a sample met again in a later epoch or pass is counted again, its
-    warning is not repeated; a pseudo-labelled pool can hold thousands of images with nothing to train on)."""
+    """Process-shared count of skipped samples; ``skip`` warns with the shard, key and reason once per
+    process that meets it: every skip is counted, but a sample met again in the same process (a later
+    pass of a single-process stream) is not named again. Dataloader workers are new processes every
+    epoch (``persistent_workers`` is off), so there it is once per worker and epoch."""
 
     def __init__(self) -> None:
         # Made in the spawn context: such a value can be handed to forked and spawned workers alike
