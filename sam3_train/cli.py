@@ -183,10 +183,26 @@ class Sam3CLI(LightningCLI):
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
 
+def finish_wandb(trainer: Trainer | None) -> None:
+    """Close the W&B run of ``trainer``'s ``WandbLogger`` now (rank 0), so that its last records (the
+    final validation's metrics and mask panels) are flushed while the process is whole, not left to
+    W&B's exit hook: a CI run under load once lost a fit's final ``val/cgF1`` there. Without a W&B
+    logger, or once the run is closed, nothing happens."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer is None or not trainer.is_global_zero:
+        return
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def main(args: list[str] | None = None) -> None:
     """fit / validate / test / predict of ``Sam3LitModule`` on ``Sam3DataModule`` (``sam3-train`` routes
     its other subcommands elsewhere: sam3_train/console.py)."""
-    Sam3CLI(
+    cli = Sam3CLI(
         Sam3LitModule,
         Sam3DataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
@@ -194,6 +210,7 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    finish_wandb(cli.trainer)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any
 
 import lightning as L
 
-from sam3_train.cli import Sam3CLI
-from sam3_train.dist import barrier, is_rank_zero
+from sam3_train.cli import Sam3CLI, finish_wandb
+from sam3_train.dist import barrier
 from sam3_train.engine.manifest import FIT_CONFIG, MODEL
 from sam3_train.engine.settings import make_cli
 from sam3_train.loading import load_module, load_weights
@@ -92,10 +92,4 @@ def log_round(trainer: L.Trainer, *, round_index: int, counts: dict[str, Any], m
     for logger in trainer.loggers:
         logger.log_metrics(values, step=trainer.global_step)
         logger.save()
-    if is_rank_zero():
-        from lightning.pytorch.loggers import WandbLogger
-
-        if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-            import wandb
-
-            wandb.finish()
+    finish_wandb(trainer)
