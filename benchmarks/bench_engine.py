@@ -169,9 +169,9 @@ def control_fit(round0: Path, out: Path, init: Path) -> None:
 
 def control_inputs(round0: Path, init: Path) -> dict:
     """What a control's result depends on: the weights it starts from and round 0's fit config."""
-    from sam3_train.engine.manifest import file_sha256
+    from sam3_train.engine.manifest import FIT_CONFIG, file_sha256
 
-    config = round0 / "fit-config.yaml"
+    config = round0 / FIT_CONFIG
     return {"init_from": str(init), "init_sha256": file_sha256(init), "config": str(config),
             "config_sha256": file_sha256(config)}
 
@@ -190,10 +190,8 @@ def run_controls(engine_dir: Path, control_dir: Path, rounds: int, *, threads: i
         init = (engine_dir / "round-000" if k == 1 else control_dir / f"round-{k - 1:03d}") / "model.ckpt"
         done = out / "metrics.json"
         if done.is_file():
-            recorded = json.loads(done.read_text())["fit"]
-            if {key: recorded.get(key) for key in ("init_sha256", "config_sha256")} == {
-                    key: value for key, value in control_inputs(engine_dir / "round-000", init).items()
-                    if key.endswith("sha256")}:
+            recorded, current = json.loads(done.read_text())["fit"], control_inputs(engine_dir / "round-000", init)
+            if all(recorded.get(key) == current[key] for key in ("init_sha256", "config_sha256")):
                 continue
             print(f"control {k}: {out} was fitted from other weights or another round 0: fitted again", flush=True)
             done.unlink()

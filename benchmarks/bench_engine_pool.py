@@ -1,6 +1,6 @@
 """The data engine's propose, verify and write stages over a large pool, on two ranks (DDP, gloo).
 
-    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2     # docs/benchmarks.md (~60 min on 2 cores, generation aside)
+    python benchmarks/bench_engine_pool.py --images 10000 100000 --kill 10000 --phrases 2     # docs/benchmarks.md (~60 min on 2 cores at ~100 GFLOP/s fp32 matmul)
     python benchmarks/bench_engine_pool.py --images 400 --kill 400 --proposer-steps 300      # a quick look (~3 min)
 
 Per pool size N: a pool of N shapes images at ``--image-size`` px (the built-in generator, cached under
