@@ -11,8 +11,10 @@ subcommand to its owner; this module imports nothing above it (no engine, no vid
     sam3-train validate --config configs/shapes_tiny.yaml --ckpt_path runs/shapes_tiny/checkpoints/last.ckpt
     sam3-train fit --config configs/shapes_tiny.yaml --print_config
 
-Configs are OmegaConf YAML (``${...}`` interpolation within a file). Derived values are linked, not
-repeated: the model's input size follows ``data.image_size``.
+Configs are OmegaConf YAML. ``${...}`` interpolations resolve on the merged config, after every
+``--config`` file and command-line option (jsonargparse's ``omegaconf+`` mode): a later file or
+``--trainer.default_root_dir=DIR`` moves every path written as ``${trainer.default_root_dir}/...``.
+Derived values are linked, not repeated: the model's input size follows ``data.image_size``.
 
 Fault tolerance comes with every run (docs/launching.md, "Resuming and preemption"): checkpoints
 are written atomically and loaded without running pickled code (``SafeCheckpointIO``), SIGTERM /
@@ -33,9 +35,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
-import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -125,9 +128,17 @@ def _resolve_data_seed(config: Any) -> None:
         data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
+PARSER_MODE = "omegaconf+"
+
+
 class Sam3CLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("parser_class", Sam3ArgumentParser)
+        kwargs["parser_kwargs"] = {"parser_mode": PARSER_MODE, **(kwargs.get("parser_kwargs") or {})}
+        # omegaconf+ resolves on the whole config, where a subcommand's keys sit under "fit." etc.:
+        # jsonargparse's own setting turns a file's absolute ${trainer.x} into the path relative to
+        # where it is written, so configs keep the plain form. Process-wide, and idempotent.
+        jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -205,7 +216,6 @@ def main(args: list[str] | None = None) -> None:
     cli = Sam3CLI(
         Sam3LitModule,
         Sam3DataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
         save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,

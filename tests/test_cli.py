@@ -131,12 +131,12 @@ def _config_args(paths: list[Path]) -> list[str]:
 
 
 def _resolved(paths: list[Path]) -> dict:
-    """The files merged as the omegaconf parser mode does: each file's ${...} resolved within it, then
-    a later file's values over an earlier one's, a list replacing the whole list."""
+    """The files merged as the omegaconf+ parser mode does: a later file's values over an earlier
+    one's, a list replacing the whole list, then every ${...} resolved on the merged config."""
     merged = OmegaConf.create()
     for path in paths:
-        merged = OmegaConf.merge(merged, OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    return OmegaConf.to_container(merged)
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def _loads_pretrained(paths: list[Path]) -> bool:
@@ -184,7 +184,7 @@ def test_config_parses_and_prints_its_values(config, capsys, monkeypatch):
         main(["fit", *_config_args(stack), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    source = _resolved(stack)  # as the omegaconf parser mode does
+    source = _resolved(stack)  # as the omegaconf+ parser mode does
     _assert_kept(printed, source, config.stem)
     loggers = [entry["class_path"] for entry in printed["trainer"]["logger"]]
     assert "lightning.pytorch.loggers.WandbLogger" in loggers
@@ -194,6 +194,26 @@ def test_config_parses_and_prints_its_values(config, capsys, monkeypatch):
     written += [entry["init_args"]["dirpath"] for entry in printed["trainer"]["callbacks"]
                 if entry["class_path"].endswith("ModelCheckpoint")]
     assert written and all(path == root or path.startswith(root + "/") for path in written), (root, written)
+
+
+@pytest.mark.parametrize("config", ["shapes_tiny", "sam3_lora"])
+def test_command_line_root_moves_every_written_path(config, capsys, monkeypatch, tmp_path):
+    """``--trainer.default_root_dir`` given after the files moves the loggers' and checkpoints' folders
+    derived from it in the files (interpolations resolve on the merged config), an overlay's included."""
+    from sam3_train.cli import main
+
+    stack = _stack(REPO / "configs" / f"{config}.yaml")
+    monkeypatch.setenv("SAM3_CHECKPOINT", "/checkpoints/sam3-test")
+    monkeypatch.setattr(sys, "argv", ["sam3-train"])
+    root = str(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit):
+        main(["fit", *_config_args(stack), f"--trainer.default_root_dir={root}", "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    written = [entry["init_args"]["save_dir"] for entry in trainer["logger"]]
+    written += [entry["init_args"]["dirpath"] for entry in trainer["callbacks"]
+                if entry["class_path"].endswith("ModelCheckpoint")]
+    assert trainer["default_root_dir"] == root
+    assert len(written) >= 3 and all(path in (root, f"{root}/checkpoints") for path in written), written
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

@@ -208,9 +208,9 @@ class DataEngine:
 # ------------------------------------------------------------------------------------------ reading
 def make_cli(cli_class: type[Sam3CLI], args: list[str], **kwargs: Any) -> Sam3CLI:
     """``cli_class(Sam3LitModule, Sam3DataModule, args=args, run=False)`` as ``sam3-train`` builds it
-    (OmegaConf parser mode), without a saved config. Its warning that ``sys.argv`` holds arguments
+    (its parser mode), without a saved config. Its warning that ``sys.argv`` holds arguments
     too is silenced: they are the engine front's own."""
-    parser_kwargs = {"parser_mode": "omegaconf", **kwargs.pop("parser_kwargs", {})}
+    parser_kwargs = kwargs.pop("parser_kwargs", {})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
         return cli_class(Sam3LitModule, Sam3DataModule, parser_kwargs=parser_kwargs, args=args, run=False,

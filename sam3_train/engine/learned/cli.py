@@ -54,7 +54,7 @@ def _quiet(build):
 def fit_verifier(args: list[str]) -> int:
     """``sam3-train fit-verifier --config ... [--key=value ...]`` (what follows ``fit-verifier``); returns 0."""
     _quiet(lambda: VerifierCLI(VerifierModule, VerifierData, args=["fit", *args],
-                               parser_kwargs={"parser_mode": "omegaconf"}, save_config_callback=None))
+                               save_config_callback=None))
     return 0
 
 
@@ -76,7 +76,7 @@ def read_verifier_config(configs: list[str | os.PathLike]) -> dict[str, Any]:
             raise FileNotFoundError(f"verifier config {path} does not exist (engine.verifier_training)")
     args = [a for path in configs for a in ("--config", str(path))]
     cli = _quiet(lambda: _ConfigReader(VerifierModule, VerifierData, args=args, run=False, save_config_callback=None,
-                                       parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False}))
+                                       parser_kwargs={"exit_on_error": False}))
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
 
 
