@@ -13,7 +13,7 @@ Both run on the tensors' device. Pixel counts are summed exactly: in a float32 m
 pixels a mask (0/1 products and integer partial sums below 2**24 are exact in float32, and stay exact
 when TF32 or bfloat16 matmul settings round the 0/1 inputs), in float64 above; the division is
 always float64. Float32 counting makes the pairwise IoU 1.6-2.7x faster on a CPU than float64 counting
-(16-100 masks of 224 x 224 to 640 x 480 px, ``benchmarks/bench_engine.py --iou``), same bits.
+(16-100 masks of 224 x 224 to 640 x 480 px, ``benchmarks/bench_engine_stages.py iou``), same bits.
 
 The data engine's verifiers compare each instance with its own counterpart (n pairs, not n x m):
 :func:`rowwise_mask_iou`, float32, with int32 pixel sums (torch sums bools in int64 by default,
