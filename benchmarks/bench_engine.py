@@ -92,7 +92,7 @@ def transfer_config(work: Path, base: Path, *, steps: int, splits: dict[str, int
     (bench_finetune's recipe: SAM 3's, at a third of the base's learning rate), written to
     ``work/transfer.yaml``; its data are the domain's shards under ``work/shifted`` (generated once)."""
     import yaml
-    from bench_finetune import finetune_model
+    from bench_finetune import base_image_size, finetune_model
 
     from sam3_train.data.shapes import ensure_shapes_shards
 
@@ -103,7 +103,7 @@ def transfer_config(work: Path, base: Path, *, steps: int, splits: dict[str, int
     for key in ("shapes_root", "shapes_splits"):
         data.pop(key, None)
     data.update(train_shards=shards["train"], val_shards=shards["val"], test_shards=shards["test"],
-                steps_per_epoch=steps)
+                steps_per_epoch=steps, image_size=base_image_size(base) or data["image_size"])
     cfg["trainer"].update(max_steps=steps, val_check_interval=steps)
     if quick:
         data.update(image_size=112, batch_size=2, eval_batch_size=4, num_workers=0, max_phrases_per_image=3)

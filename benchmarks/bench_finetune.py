@@ -123,9 +123,19 @@ def ensure_base(args: argparse.Namespace, out: Path) -> Path:
     return hf
 
 
+def base_image_size(pretrained: Path | str) -> int | None:
+    """The input side an HF folder's detector was built for, which its fine-tunes take (None while the
+    folder is not built yet: a dry run)."""
+    path = Path(pretrained) / "config.json"
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["vision_config"]["backbone_config"]["image_size"])
+
+
 def finetune_model(model: dict[str, Any], pretrained: Path | str) -> dict[str, Any]:
     """shapes_tiny.yaml's ``model`` section turned, in place, into the full fine-tune of ``pretrained``
-    (also the data engine's transfer regime, benchmarks/bench_engine.py)."""
+    (also the data engine's transfer regime, benchmarks/bench_engine.py). Its data section must take the
+    base's input side (``base_image_size``)."""
     # The sizes come with the pretrained folder; the from-scratch departures (the init and the denoising
     # queries) are not SAM 3's fine-tuning recipe, which the fine-tunes keep.
     for key in ("preset", "init", "model_overrides", "denoising"):
@@ -159,6 +169,7 @@ def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: P
         sources.append({"name": "base", "shards": base_train, "weight": 1.0})
     data.pop("shapes_root", None)
     data.update(train_sources=sources, val_sets=val_sets, steps_per_epoch=steps, seed=seed)
+    data["image_size"] = base_image_size(pretrained) or data["image_size"]
     cfg["seed_everything"] = seed
     return redirect_outputs(cfg, run_dir)
 
