@@ -9,7 +9,6 @@
     python benchmarks/bench_engine.py --chain heuristic --regimes weak --seeds 0 --steps 3000 --rounds 2
                                                       # the first round's demonstration (hand-set checks)
 
-
 The engine's stages timed on their own (mask IoU, the write stage): benchmarks/bench_engine_stages.py.
 
 The engine configs are configs/shapes_tiny.yaml with the overlay configs/engine/shapes.yaml, and for the

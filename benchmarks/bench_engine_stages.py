@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-CONFIGS = ["configs/shapes_tiny.yaml", "configs/engine/shapes.yaml"]  # the demonstration's engine configs
+from bench_engine import CONFIGS, REPO  # the demonstration's engine configs; puts the repository on sys.path
 
 
 def iou_timings() -> dict:

@@ -126,10 +126,11 @@ def ensure_base(args: argparse.Namespace, out: Path) -> Path:
 def base_image_size(pretrained: Path | str) -> int | None:
     """The input side an HF folder's detector was built for, which its fine-tunes take (None while the
     folder is not built yet: a dry run)."""
-    path = Path(pretrained) / "config.json"
-    if not path.is_file():
+    from transformers import Sam3Config
+
+    if not (Path(pretrained) / "config.json").is_file():
         return None
-    return int(json.loads(path.read_text())["vision_config"]["backbone_config"]["image_size"])
+    return Sam3Config.from_pretrained(pretrained).vision_config.backbone_config.image_size
 
 
 def finetune_model(model: dict[str, Any], pretrained: Path | str) -> dict[str, Any]:
