@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --profile           # + torch.profiler's top operators
     python benchmarks/bench_step.py --compile vision    # + the step with torch.compile'd parts, same run
     python benchmarks/bench_step.py --bf16              # + the step under CPU bf16 autocast (Lightning's bf16-mixed)
+    python benchmarks/bench_step.py --text-padding      # + the step with the text padded to SAM 3's 32 tokens
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py --sweep --threads 1   # throughput against the batch shape
 
 ``--sweep`` times the fused step (no AdamW variants) for each batch shape of ``--shapes`` (images x
@@ -82,6 +83,48 @@ def train_step(detector, criterion, batch, opt, bf16: bool = False) -> None:
     opt.step()
 
 
+PHASES = ("forward", "objective", "backward", "clipping", "optimizer")
+
+
+def phased_step(detector, criterion, batch, opt) -> None:
+    """``train_step`` with each phase in a profiler range (``phase_table`` reads them)."""
+    from torch.profiler import record_function
+
+    with record_function("phase:forward"):
+        outputs = detector(batch)
+    with record_function("phase:objective"):
+        loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
+    opt.zero_grad(set_to_none=True)
+    with record_function("phase:backward"):
+        loss.backward()
+    with record_function("phase:clipping"):
+        torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
+    with record_function("phase:optimizer"):
+        opt.step()
+
+
+def phase_table(prof, steps: int) -> str:
+    """Wall time and aten calls a step in each phase of ``phased_step`` (an aten call counts once, in
+    the phase whose range holds it; the backward's calls run in the ``backward`` range)."""
+    events = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
+              if e.name.startswith("phase:")]
+    calls = dict.fromkeys(PHASES, 0)
+    for e in events:
+        if e.name.startswith("aten::"):
+            for start, end, name in ranges:
+                if start <= e.time_range.start and e.time_range.end <= end:
+                    calls[name] += 1
+                    break
+    ms = dict.fromkeys(PHASES, 0.0)
+    for start, end, name in ranges:
+        ms[name] += (end - start) / 1e3
+    total = sum(ms.values())
+    rows = [f"  {name:<10} {ms[name] / steps:7.1f} ms a step ({100 * ms[name] / total:4.1f}%)  "
+            f"{calls[name] / steps:7.0f} aten calls a step (nested ones included)" for name in PHASES]
+    return "The step's phases (profiled, so slower than the timed step):\n" + "\n".join(rows)
+
+
 def sweep(args: argparse.Namespace) -> None:
     """Throughput of the fused step for each preset and batch shape (see the module docstring)."""
     print(f"{'preset':<6} {'shape':>6} {'pairs':>6} {'GFLOP':>6} {'s/step':>7} {'img/s':>6} {'pairs/s':>8} "
@@ -128,6 +171,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="also time the step with forward and objective under torch.autocast('cpu', bfloat16), "
                              "next to the bf16 matmul rate")
+    parser.add_argument("--text-padding", action="store_true",
+                        help="also time the step with every phrase's 32 token columns (the step before "
+                             "Sam3Detector.trim_text_padding), same run")
     parser.add_argument("--sweep", action="store_true",
                         help="only the throughput sweep over --shapes and --presets (module docstring)")
     parser.add_argument("--shapes", nargs="+", default=SWEEP_SHAPES, help="IMAGESxPHRASES batch shapes of --sweep")
@@ -161,6 +207,8 @@ def main() -> None:
     times: dict[str, list[float]] = {"loop": [], "foreach": [], "fused": []}
     if args.bf16:
         times["bf16"] = []  # fused AdamW, bf16 autocast
+    if args.text_padding:
+        times["padded"] = []  # fused AdamW, text not trimmed (an instance attribute shadows the staticmethod)
     rates, bf16_rates = [], []
     for _ in range(args.repeats):
         rates.append(matmul_gflops())
@@ -168,12 +216,15 @@ def main() -> None:
             bf16_rates.append(matmul_gflops(dtype=torch.bfloat16))
         for kind in times:
             detector.load_state_dict(initial)
-            opt = optimizer("fused" if kind == "bf16" else kind)
+            if kind == "padded":
+                detector.trim_text_padding = lambda ids, mask: (ids, mask)
+            opt = optimizer("fused" if kind in ("bf16", "padded") else kind)
             step(batches[0], opt, kind == "bf16")  # warm-up: optimiser state allocated
             start = time.perf_counter()
             for batch in batches[2:]:
                 step(batch, opt, kind == "bf16")
             times[kind].append((time.perf_counter() - start) / len(batches[2:]))
+            detector.__dict__.pop("trim_text_padding", None)
     rate = statistics.median(rates)
     print(f"{args.config.name}: {gflop:.1f} GFLOP a step; fp32 1024x1024 matmul {rate:.0f} GFLOP/s "
           f"(median of {args.repeats}), {args.threads} threads")
@@ -185,6 +236,9 @@ def main() -> None:
         print(f"  bf16 1024x1024 matmul {statistics.median(bf16_rates):.0f} GFLOP/s "
               f"({statistics.median(bf16_rates) / rate:.1f}x fp32); bf16-autocast step "
               f"{statistics.median(times['bf16']) / statistics.median(times['fused']):.2f}x the fp32 fused step's time")
+    if args.text_padding:
+        print(f"  text padded to 32 tokens: {statistics.median(times['padded']) / statistics.median(times['fused']):.2f}x "
+              f"the fused step's time (which trims to the longest phrase: {batches[2].attention_mask.sum(1).max()} tokens)")
     if args.compile:
         detector.load_state_dict(initial)
         opt = optimizer("fused")
@@ -210,8 +264,9 @@ def main() -> None:
         opt = optimizer("fused")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for batch in batches[2:5]:
-                step(batch, opt)
+                phased_step(detector, criterion, batch, opt)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        print(phase_table(prof, steps=len(batches[2:5])))
 
 
 if __name__ == "__main__":

@@ -236,6 +236,53 @@ def test_text_encoder_runs_once_per_distinct_phrase(detector):
     assert texts == [2] and images == [2]  # 5 pairs, 2 distinct phrases, 2 images: one call each
 
 
+def _tensors(tree, prefix=""):
+    """{path: tensor} of every tensor in a nested dict / list of outputs."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    return {k: v for key, sub in items for k, v in _tensors(sub, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_text_columns_past_the_longest_phrase_change_no_output(detector, train):
+    """encode_text drops the padding columns past the longest phrase (SAM 3's tokenizer pads to 32):
+    every output, DAC halves included, is the 32-column forward's, with exemplar boxes appended after
+    the text too, and the text encoder sees only the longest phrase's width."""
+    boxes = [torch.tensor([[0.3, 0.3, 0.2, 0.2]]), torch.tensor([[0.6, 0.5, 0.1, 0.3], [0.2, 0.7, 0.1, 0.1]]),
+             torch.zeros(0, 4), torch.tensor([[0.5, 0.5, 0.4, 0.4]])]
+    labels = [torch.tensor([1]), torch.tensor([1, 0]), torch.zeros(0, dtype=torch.long), torch.tensor([0])]
+    batch = make_batch(detector, [["red star", "small green square"], ["circle", "blue circle"]], boxes, labels)
+    longest = int(batch.attention_mask.sum(1).max())
+    assert batch.input_ids.shape[1] == 32 and longest < 32
+    widths = []
+    hook = detector.text_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    detector.train(train)
+    try:
+        with torch.no_grad():
+            trimmed = _tensors(detector(batch))
+            detector.trim_text_padding = lambda ids, mask: (ids, mask)  # shadows the staticmethod: 32 columns
+            padded = _tensors(detector(batch))
+    finally:
+        detector.__dict__.pop("trim_text_padding", None)
+        hook.remove()
+        detector.eval()
+    assert widths == [longest, 32]
+    assert trimmed.keys() == padded.keys() and len(trimmed) > 5
+    for key in trimmed:
+        torch.testing.assert_close(trimmed[key], padded[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_trim_text_padding_keeps_every_real_token():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    out_ids, out_mask = Sam3Detector.trim_text_padding(ids, mask)
+    assert out_ids.tolist() == [[5, 6, 7], [5, 0, 0]] and out_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    assert Sam3Detector.trim_text_padding(empty, empty)[0].shape == (0, 5)  # no pairs: unchanged
+
+
 def test_sam3_preset_matches_released_architecture():
     with torch.device("meta"):
         ours = build_detector("sam3")

@@ -294,8 +294,22 @@ class Sam3Detector(Sam3Model):
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     # ------------------------------------------------------------------ encoders
+    @staticmethod
+    def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drops the token columns past the longest phrase (SAM 3's tokenizer pads every phrase to 32).
+
+        Every consumer of the text masks padding (the text encoder is causal, the fusion encoder, the
+        decoder and the scoring mask it as keys), so the real tokens' features are the same up to float
+        rounding, and a batch of short phrases (shapes: 6 tokens) no longer pays for 32."""
+        if attention_mask.numel() == 0:
+            return input_ids, attention_mask
+        length = int(attention_mask.any(dim=0).nonzero().max()) + 1 if attention_mask.any() else 1
+        return input_ids[:, :length], attention_mask[:, :length]
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text features [P, L, C] and mask [P, L] bool; each distinct phrase is encoded once."""
+        """Text features [P, L', C] and mask [P, L'] bool, L' the longest phrase's tokens
+        (``trim_text_padding``); each distinct phrase is encoded once."""
+        input_ids, attention_mask = self.trim_text_padding(input_ids, attention_mask)
         tokens = torch.cat([input_ids, attention_mask], dim=1)
         unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
         length = input_ids.shape[1]
