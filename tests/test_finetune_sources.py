@@ -66,7 +66,7 @@ def test_datamodule_mix_follows_weights_and_names_each_image(shapes_root, one_th
     dm = _datamodule(shapes_root, steps_per_epoch=40, batch_size=5, max_phrases_per_image=1)
     stream = dm._stream("train", train=True)
     first = {f"{shapes_root}/shards/train/shapes-{i:06d}.tar" for i in range(4)}
-    sources, urls = [], []
+    sources = []
     for batch in StreamLoader(stream, epoch_fn=lambda: 0):
         sources += batch.sources
         assert len(batch.sources) == batch.num_images

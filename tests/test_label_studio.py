@@ -37,7 +37,7 @@ from sam3_train.engine.label_studio import (
     reviewed_coco,
 )
 from sam3_train.engine.label_studio.backend import ConceptBackend, ConceptPredictor, prompt_of, serve
-from sam3_train.engine.label_studio.client import connect, export_project, import_project, local_files_url, project_tasks
+from sam3_train.engine.label_studio.client import export_project, import_project, local_files_url, project_tasks
 from sam3_train.engine.label_studio.tasks import PAIR, brush_region
 from sam3_train.engine.review import import_round
 from sam3_train.model import build_detector
