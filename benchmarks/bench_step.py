@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: datasets/ must not shadow HF datasets
@@ -71,29 +72,18 @@ def build(config: Path, shapes_root: str, num_batches: int, **data_overrides):
     return module, [next(loader) for _ in range(num_batches)]
 
 
-def train_step(detector, criterion, batch, opt, bf16: bool = False) -> None:
-    """One optimiser step as ``Sam3LitModule`` trains: forward, objective, backward, clipping, AdamW."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:  # what Lightning's bf16-mixed wraps: the forward and the objective
-        outputs = detector(batch)
-        loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
-    opt.step()
-
-
 PHASES = ("forward", "objective", "backward", "clipping", "optimizer")
 
 
-def phased_step(detector, criterion, batch, opt) -> None:
-    """``train_step`` with each phase in a profiler range (``phase_table`` reads them)."""
-    from torch.profiler import record_function
-
-    with record_function("phase:forward"):
-        outputs = detector(batch)
-    with record_function("phase:objective"):
-        loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
+def train_step(detector, criterion, batch, opt, bf16: bool = False) -> None:
+    """One optimiser step as ``Sam3LitModule`` trains: forward, objective, backward, clipping, AdamW.
+    Each phase runs in a profiler range (a few microseconds a step unprofiled) that ``phase_table`` reads."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:  # what Lightning's bf16-mixed wraps: the forward and the objective
+        with record_function("phase:forward"):
+            outputs = detector(batch)
+        with record_function("phase:objective"):
+            loss = criterion.weighted_total(criterion(outputs, batch.targets), num_pairs=batch.num_pairs)
     opt.zero_grad(set_to_none=True)
     with record_function("phase:backward"):
         loss.backward()
@@ -104,7 +94,7 @@ def phased_step(detector, criterion, batch, opt) -> None:
 
 
 def phase_table(prof, steps: int) -> str:
-    """Wall time and aten calls a step in each phase of ``phased_step`` (an aten call counts once, in
+    """Wall time and aten calls a step in each phase of ``train_step`` (an aten call counts once, in
     the phase whose range holds it; the backward's calls run in the ``backward`` range)."""
     events = prof.events()
     ranges = [(e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
@@ -264,7 +254,7 @@ def main() -> None:
         opt = optimizer("fused")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for batch in batches[2:5]:
-                phased_step(detector, criterion, batch, opt)
+                train_step(detector, criterion, batch, opt)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         print(phase_table(prof, steps=len(batches[2:5])))
 
