@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("box_ops", "dist", "atomic"),                      # foundations: box formats, ranks, atomic files
     ("data", "losses", "metrics", "visualize", "checkpointing"),  # pure parts, checkpoint file I/O
     ("model", "optim", "resume"),                      # the detector; what a training run is made of
-    ("preemption", "callbacks", "nonfinite", "progress", "finetune"),  # Lightning callbacks
+    ("preemption", "callbacks", "ema", "nonfinite", "progress", "finetune"),  # Lightning callbacks
     ("lit",),                                          # the LightningModule composing them
     ("cli", "loading"),                                # Sam3CLI (every LightningCLI builds on it); load_detector
     ("engine", "video", "deploy"),                     # applications built on training and the detector

@@ -170,8 +170,11 @@ CHECKPOINT_KEY = "sam3_lora"
 def save_adapters(checkpoint: dict[str, Any], *, trained: set[str], pretrained: str | None,
                   fingerprint: str | None) -> None:
     """Make a (Lightning) checkpoint an adapter checkpoint, in place: ``state_dict`` keeps the ``trained``
-    keys only and ``CHECKPOINT_KEY`` names the base (its ``pretrained`` folder and ``fingerprint``)."""
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+    keys only and ``CHECKPOINT_KEY`` names the base (its ``pretrained`` folder and ``fingerprint``). So does
+    the copy of the trained weights that weight averaging (``sam3_train.ema``) keeps beside its average."""
+    for key in ("state_dict", "current_model_state"):
+        if key in checkpoint:
+            checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k in trained}
     checkpoint[CHECKPOINT_KEY] = {"pretrained": pretrained, "base_fingerprint": fingerprint}
 
 
