@@ -55,8 +55,9 @@ from sam3_train.finetune import SUMMARY_FILE  # noqa: E402
 METHODS = ("full", "lora", "frozen_vision")
 MIXES = ("none", "1:1")
 MONITOR = "val/shifted/cgF1"
-# Fine-tuning learning rates for full and frozen-vision runs: a third of the base recipe's 3e-4 peak, one
-# rate for every part (the base was trained from scratch that way), cosine after a short warm-up.
+# Fine-tuning learning rates for full and frozen-vision runs: a third of the 3e-4 peak docs/finetuning.md's
+# base was trained with (the recipe's peak is 5e-4 since), one rate for every part (the base was trained
+# from scratch that way), cosine after a short warm-up.
 FULL_LR = 1.0e-4
 WARMUP_STEPS = 20
 
