@@ -82,6 +82,13 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return out
 
 
+def last_checkpoint(root: Path, every_n_train_steps: int = 2) -> dict[str, Any]:
+    """The ModelCheckpoint that keeps ``root/checkpoints/last.ckpt``, written every ``every_n_train_steps``."""
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
+                          "every_n_train_steps": every_n_train_steps}}
+
+
 def fit_config(root: Path, shapes_root: str, *, trainer: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
                data: dict[str, Any] | None = None, every_n_train_steps: int = 2) -> Path:
     """A tiny-preset fit config writing everything under ``root``; sections merge over the defaults."""
@@ -93,9 +100,7 @@ def fit_config(root: Path, shapes_root: str, *, trainer: dict[str, Any] | None =
             "enable_model_summary": False, "gradient_clip_val": 0.1, "default_root_dir": str(root),
             "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                         "init_args": {"save_dir": str(root), "name": "csv"}}],
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                                         "every_n_train_steps": every_n_train_steps}}],
+            "callbacks": [last_checkpoint(root, every_n_train_steps)],
             **(trainer or {}),
         },
         "model": {"preset": "tiny", "warmup_steps": 2, **(model or {})},

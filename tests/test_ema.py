@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_cli import callback, fit_config, output, run
+from fault_cli import callback, fit_config, last_checkpoint, output, run
 from test_lora import _ckpt, _lora_config, base_dir_112  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -33,15 +33,8 @@ class ValidatedWeights(L.Callback):
 '''
 
 
-def _last_every_2(root: Path) -> dict:
-    """last.ckpt under root/checkpoints, written every second step."""
-    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                          "every_n_train_steps": 2}}
-
-
 def _config(root: Path, shapes_root: str, *, every_step: bool = False) -> Path:
-    checkpoints = [_last_every_2(root)]
+    checkpoints = [last_checkpoint(root)]
     if every_step:  # step=N.ckpt for every step N
         checkpoints.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                             "init_args": {"dirpath": str(root / "steps"), "filename": "{step}", "save_top_k": -1,
@@ -108,7 +101,7 @@ def test_checkpoints_hold_the_average_validation_scores_it_and_a_killed_run_resu
 
 def test_a_lora_run_keeps_adapter_checkpoints_and_resumes_bitwise(shapes_root, base_dir_112, tmp_path):  # noqa: F811
     def config(root: Path) -> Path:
-        return _lora_config(root, shapes_root, base_dir_112, callbacks=[EMA, _last_every_2(root)])
+        return _lora_config(root, shapes_root, base_dir_112, callbacks=[EMA, last_checkpoint(root)])
 
     proc = run(["fit", "--config", str(config(tmp_path / "reference"))], tmp_path)
     assert proc.returncode == 0, output(proc)[-4000:]
