@@ -21,6 +21,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 SHAPES_SPLITS = {"train": 64, "val": 16, "test": 16}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``, as .ci/run runs the suite) the workers share the machine's cores:
+    each worker's torch gets its share of intra-op threads instead of all of them, so two workers on
+    two cores do not oversubscribe each other (subprocess CLI runs set their own OMP_NUM_THREADS)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> str:
     from sam3_train.data import ensure_shapes_shards
