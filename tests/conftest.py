@@ -64,6 +64,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def validated_checkpoint(module, datamodule, path: Path) -> tuple[dict[str, float], Path]:
+    """Validate ``module`` on ``datamodule`` with a bare CPU Trainer and save the checkpoint (its data
+    settings included, as a fit's) to ``path``: (the logged metrics, ``path``)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    (logged,) = trainer.validate(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return logged, path
+
+
 @pytest.fixture
 def wandb_disabled(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -18,8 +18,7 @@ def test_own_size_gives_the_validation_figures_and_presence_does_not_depend_on_s
     decisions exist to count), validated by Lightning and saved with its data settings: scored at its
     own 112 px the script gives validation's figures; at 224 px the same pairs and the same image-level
     decisions (presence does not depend on the mask size), while the masks are scored on finer ground truth."""
-    import lightning as L
-    from conftest import SHAPES_SPLITS
+    from conftest import SHAPES_SPLITS, validated_checkpoint
     from score_at_size import score
 
     from sam3_train.data import Sam3DataModule
@@ -35,11 +34,7 @@ def test_own_size_gives_the_validation_figures_and_presence_does_not_depend_on_s
             proj.weight.zero_()
             proj.bias.fill_(1.0)
         module.detector.detr_decoder.presence_head.layer3.bias.fill_(10.0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
-    (logged,) = trainer.validate(module, datamodule=dm)
-    checkpoint = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    logged, checkpoint = validated_checkpoint(module, dm, tmp_path / "model.ckpt")
 
     own = score(checkpoint, 112)
     assert own["image_size"] == 112 and own["pairs"] > 0
