@@ -91,14 +91,14 @@ def transfer_config(work: Path, base: Path, *, steps: int, splits: dict[str, int
     (bench_finetune's recipe: SAM 3's, at a third of the base's learning rate), written to
     ``work/transfer.yaml``; its data are the domain's shards under ``work/shifted`` (generated once)."""
     import yaml
-    from bench_finetune import base_image_size, finetune_model
+    from bench_finetune import base_image_size, finetune_data, finetune_model
 
     from sam3_train.data.shapes import ensure_shapes_shards
 
     shards = ensure_shapes_shards(work / "shifted", splits=splits, domain="shifted")
     cfg = yaml.safe_load((REPO / "configs" / "shapes_tiny.yaml").read_text())
     finetune_model(cfg["model"], base)
-    data = cfg["data"]
+    data = finetune_data(cfg["data"])
     for key in ("shapes_root", "shapes_splits"):
         data.pop(key, None)
     data.update(train_shards=shards["train"], val_shards=shards["val"], test_shards=shards["test"],

@@ -60,6 +60,7 @@ MONITOR = "val/shifted/cgF1"
 # from scratch that way), cosine after a short warm-up.
 FULL_LR = 1.0e-4
 WARMUP_STEPS = 20
+FINETUNE_MIN_SCALE = 0.5  # the DataModule's default, what every fine-tune here was measured with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +148,14 @@ def finetune_model(model: dict[str, Any], pretrained: Path | str) -> dict[str, A
     return model
 
 
+def finetune_data(data: dict[str, Any]) -> dict[str, Any]:
+    """shapes_tiny.yaml's ``data`` section given SAM 3's scale jitter back, in place: the main job trains
+    from scratch without it (``min_scale: 1.0``, a measured departure: docs/training_shapes.md); the
+    fine-tunes keep SAM 3's recipe, as they were measured (the side drawn from half to full)."""
+    data["min_scale"] = FINETUNE_MIN_SCALE
+    return data
+
+
 def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: Path, kshot: str,
                base_train: str, val_sets: dict[str, str], steps: int, val_every: int) -> dict[str, Any]:
     """shapes_tiny.yaml turned into one fine-tune (module docstring, 3), its outputs under ``run_dir``."""
@@ -170,6 +179,7 @@ def fit_config(run_dir: Path, *, method: str, mix: str, seed: int, pretrained: P
     if mix == "1:1":
         sources.append({"name": "base", "shards": base_train, "weight": 1.0})
     data.pop("shapes_root", None)
+    finetune_data(data)
     data.update(train_sources=sources, val_sets=val_sets, steps_per_epoch=steps, seed=seed)
     data["image_size"] = base_image_size(pretrained) or data["image_size"]
     cfg["seed_everything"] = seed

@@ -31,6 +31,7 @@ def test_transfer_config_is_a_full_fine_tune_of_the_base_on_the_shifted_domain(t
     assert model["pretrained"] == str(base) and not {"init", "denoising", "preset"} & set(model)
     assert model["lr"] == model["lr_vision"] == model["lr_text"] == 1.0e-4  # bench_finetune's recipe
     assert "shapes_root" not in data and cfg["trainer"]["max_steps"] == data["steps_per_epoch"] == 7
+    assert data["min_scale"] == 0.5  # SAM 3's scale jitter, which the main job turns off
     for split, count in {"train": 6, "val": 2, "test": 2}.items():
         folder = Path(data[f"{split}_shards"]).parent
         params = json.loads((folder / "manifest.json").read_text())["params"]

@@ -56,6 +56,7 @@ def test_dry_run_writes_one_config_per_method_and_mixing_that_the_cli_reads_as_m
             assert cfg["seed_everything"] == cfg["data"]["seed"] == 0 and cfg["model"]["pretrained"] == str(out / "base" / "hf")
             assert cfg["model"].get("lora") == (lora if method == "lora" else None)
             assert "denoising" not in cfg["model"] and "init" not in cfg["model"]  # SAM 3's fine-tuning recipe
+            assert cfg["data"]["min_scale"] == 0.5  # SAM 3's scale jitter, which the main job turns off
             cli = Sam3CLI(Sam3LitModule, Sam3DataModule, run=False, save_config_callback=None,
                           args=["--config", str(path), "--trainer.logger=false"])
             detector = cli.model.detector
