@@ -26,8 +26,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: datasets/
 
 from bench_step import CONFIG  # noqa: E402
 from sam3_train.data import Sam3DataModule  # noqa: E402
+from sam3_train.metrics.cgf1 import IOU_THRESHOLDS  # noqa: E402
 
-THRESHOLDS = torch.arange(0.5, 0.96, 0.05)  # the metric's IoU thresholds
+THRESHOLDS = torch.as_tensor(IOU_THRESHOLDS)  # the metric's IoU thresholds, 0.5:0.95
 
 
 def ceiling_ious(masks: torch.Tensor, resolution: int) -> torch.Tensor:

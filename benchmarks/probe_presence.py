@@ -26,6 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: datasets/
 from score_at_size import data_module  # noqa: E402
 from sam3_train.checkpointing import load_checkpoint_file  # noqa: E402
 from sam3_train.loading import load_module  # noqa: E402
+from sam3_train.model.postprocess import detection_scores  # noqa: E402
 
 THRESHOLD = 0.5  # the metric's score threshold
 
@@ -41,8 +42,8 @@ def pair_decisions(checkpoint: str | Path, *, shards: str | None = None) -> list
     rows = []
     for batch in data_module(settings, module.detector.image_size, "val"):
         out = module.detector(batch)
-        presence = out["presence_logit"].float().sigmoid().reshape(-1)
-        top = (out["pred_logits"].float().sigmoid().reshape(batch.num_pairs, -1) * presence[:, None]).amax(1)
+        presence = out["presence_logit"].float().sigmoid()
+        top = detection_scores(out).float().amax(1)
         for phrase, target, score, p in zip(batch.phrases, batch.targets, top.tolist(), presence.tolist()):
             rows.append({"phrase": phrase, "positive": len(target["boxes"]) > 0,
                          "said_present": score >= THRESHOLD, "presence": p})
